@@ -1,0 +1,88 @@
+"""Every config key the trainer reads, with its default. Configs start from this.
+
+Keys absent here are rejected on the command line by ml_collections, so a typo such
+as `--config.batchsize=8` fails at once instead of being ignored.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data: any TFDS dataset by name, or "folder:/path" (class-per-subfolder images).
+  c.dataset = "mixer_digits"
+  c.data_dir = ""               # TFDS data dir; "" = TFDS's default (~/tensorflow_datasets).
+  c.manual_dir = ""             # TFDS manual dir (imagenet2012: the two ILSVRC tar files).
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.num_classes = 0             # 0 = read from the dataset.
+  c.image_size = 224
+  c.shuffle_buffer = 10_000     # Encoded examples per process; also the resume-state size.
+  c.cache_train = False         # Keep decoded-free encoded training records in memory.
+  c.skip_corrupt_images = False  # folder: datasets: skip (and count) undecodable files.
+  c.train_crop = "inception"    # "inception" (random-resized crop) | "resize" | "none".
+  c.train_flip = True
+  c.randaugment_layers = 0      # Paper ImageNet-1k: 2.
+  c.randaugment_magnitude = 0   # 0-30 scale; paper ImageNet-1k: 15.
+  c.eval_preprocess = "resize_crop"  # "resize_crop" (shorter side 256/224, central crop) | "resize".
+  c.eval_crop_fraction = 0.875  # 224/256.
+  c.log_image_grid = True       # TensorBoard grid of augmented training images at start.
+
+  # Model (models.create_model). 0 = the variant's own value.
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/16"
+  c.model.patch_size = 0
+  c.model.num_blocks = 0
+  c.model.hidden_dim = 0
+  c.model.tokens_mlp_dim = 0
+  c.model.channels_mlp_dim = 0
+  c.model.stoch_depth = 0.0
+  c.model.dropout = 0.0
+  c.model.remat = False
+  c.dtype = "float32"           # Compute dtype; "bfloat16" on accelerators. Params stay fp32.
+
+  # Loss and regularisation.
+  c.loss = "softmax"            # "softmax" | "sigmoid" (per-class binary cross-entropy).
+  c.head_bias_init = 0.0        # -6.9 with the sigmoid loss (prior ~1/1000 per class).
+  c.label_smoothing = 0.0
+  c.mixup_alpha = 0.0           # Paper ImageNet-1k: 0.5.
+
+  # Optimiser (optim.py): clip -> Adam or momentum SGD -> decoupled weight decay -> lr.
+  c.optimizer = "adam"          # "adam" | "sgd" (momentum).
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.momentum = 0.9
+  c.weight_decay = 0.0          # Decoupled, multiplied by the lr (AdamW); kernels only.
+  c.grad_clip_norm = 1.0        # 0 = no clipping.
+  c.learning_rate = 1e-3
+  c.warmup_steps = 10_000
+  c.lr_decay = "linear"         # "linear" | "cosine" | "constant" after warmup.
+  c.end_learning_rate = 0.0
+
+  # Steps and batching.
+  c.batch_size = 4096           # Global, over all processes and devices.
+  c.grad_accum_steps = 1        # Micro-batches per update (batch_size / this each).
+  c.num_train_steps = 0         # > 0 wins over num_epochs.
+  c.num_epochs = 300.0
+  c.eval_batch_size = 0         # 0 = batch_size / grad_accum_steps.
+  c.log_every_steps = 100
+  c.eval_every_steps = 5_000    # Also evaluates at the end.
+  c.checkpoint_every_steps = 1_000
+  c.keep_checkpoints = 3
+  c.nonfinite = "stop"          # "stop" (exit non-zero, keep last good checkpoint) | "skip".
+
+  # Initialisation from a released .npz or a checkpoint of ours (fine-tuning).
+  c.init_from = ""
+
+  # Scale-out (sharding.py).
+  c.sharding = "replicate"      # "replicate" | "fsdp".
+  c.mesh_model = 1              # Size of the second ("model") mesh axis.
+  c.fsdp_min_size = 2 ** 18     # Arrays with fewer elements stay replicated under fsdp.
+
+  # Few-shot linear probes on pre-logits during training (0 = off).
+  c.fewshot_every_steps = 0
+  c.fewshot_shots = (1, 5, 10)
+  return c

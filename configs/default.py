@@ -1,0 +1,44 @@
+"""Small Mixer on the embedded 8x8 digits (scikit-learn's, 1,797 images): the demo job.
+
+Reproduces: >= 97% test top-1 on a 2-core CPU machine in under 3 minutes, no download
+(the dataset is built offline from the copy inside scikit-learn). Measured numbers are
+in README.md, with the command:
+
+  python -m mixer_jax.main --config=configs/default.py --workdir=/tmp/mixer_digits
+
+Model: patch 2 on 8x8 images -> 16 tokens, 4 blocks of width 64. No flip or crop:
+digits are not mirror-symmetric.
+"""
+
+from configs import common
+
+
+def get_config():
+  c = common.base_config()
+  c.dataset = "mixer_digits"
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.image_size = 8
+  c.cache_train = True
+  c.shuffle_buffer = 2_000
+  c.train_crop = "none"
+  c.train_flip = False
+  c.eval_preprocess = "resize"
+  c.log_image_grid = True
+
+  c.model.variant = "S/2"
+  c.model.num_blocks = 4
+  c.model.hidden_dim = 64
+  c.model.tokens_mlp_dim = 64
+  c.model.channels_mlp_dim = 256
+
+  c.learning_rate = 3e-3
+  c.weight_decay = 1e-4
+  c.warmup_steps = 100
+  c.lr_decay = "cosine"
+  c.batch_size = 128
+  c.num_train_steps = 1_500
+  c.log_every_steps = 100
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  return c

@@ -1,0 +1,76 @@
+r"""Train and evaluate a Mixer: flags and process setup only; the loop is train.py.
+
+  python -m mixer_jax.main --config=configs/default.py --workdir=/tmp/mixer_digits
+  python -m mixer_jax.main --config=configs/imagenet1k_pretrain.py:B/16 \
+      --workdir=gs://bucket/b16 --config.batch_size=4096
+
+Multi-host: the same command on every host. Cloud TPU pods and SLURM are detected;
+elsewhere pass --coordinator_address, --num_processes and --process_id.
+"""
+
+import os
+import sys
+
+# Configs import `configs.common`: make the repository root importable from anywhere.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+  sys.path.insert(0, _REPO_ROOT)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mixer_jax import errors  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for clusters JAX does not detect.")
+flags.DEFINE_integer("num_processes", None, "Total processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer("heartbeat_timeout_s", 30,
+                     "A process missing this long is declared dead and the others exit.")
+flags.DEFINE_integer("init_timeout_s", 120,
+                     "How long to wait for all processes to join before giving up.")
+flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors.")
+
+
+class _QuietLibraries:
+  """Drops INFO lines of orbax/tensorstore internals; their warnings still show."""
+  NOISY = ("/orbax/", "/tensorstore/")
+
+  def filter(self, record):
+    import logging as py_logging
+    return record.levelno >= py_logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.config is None or not FLAGS.workdir:
+    raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --workdir=DIR.")
+  errors.run_guarded(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.traceback)
+
+
+def _run(config, workdir):
+  from mixer_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
+                         init_timeout_s=FLAGS.init_timeout_s)
+  from mixer_jax import train
+  import jax
+  logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  result = train.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0 and result:
+    print({k: round(v, 6) for k, v in result.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)

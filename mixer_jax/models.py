@@ -1,0 +1,235 @@
+"""MLP-Mixer (arXiv 2105.01601) in Flax linen, parameter tree = released checkpoints.
+
+The module tree is exactly the one of Google's released `.npz` files:
+`stem`, `MixerBlock_{i}/{LayerNorm_0, token_mixing/Dense_{0,1}, LayerNorm_1,
+channel_mixing/Dense_{0,1}}`, `pre_head_layer_norm`, `head`.
+
+Usage:
+  model = create_model("B/16", num_classes=1000)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+  logits = model.apply({"params": params}, images, train=False)   # NHWC in [-1, 1]
+
+Features: `create_model(..., num_classes=0)` returns the pooled pre-logits (B, C);
+`model.apply(..., return_tokens=True)` returns the token features before pooling
+(B, S, C), after `pre_head_layer_norm`.
+"""
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Paper Table 1: hidden size C, blocks, token-MLP width D_S, channel-MLP width D_C.
+SIZES = {
+    "S": dict(hidden_dim=512, num_blocks=8, tokens_mlp_dim=256, channels_mlp_dim=2048),
+    "B": dict(hidden_dim=768, num_blocks=12, tokens_mlp_dim=384, channels_mlp_dim=3072),
+    "L": dict(hidden_dim=1024, num_blocks=24, tokens_mlp_dim=512, channels_mlp_dim=4096),
+    "H": dict(hidden_dim=1280, num_blocks=32, tokens_mlp_dim=640, channels_mlp_dim=5120),
+}
+PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
+# Released models: LayerNorm epsilon 1e-6, GELU in its tanh approximation.
+LAYER_NORM_EPSILON = 1e-6
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense back to the input width (`Dense_0`, `Dense_1`)."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    width = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = nn.gelu(y, approximate=True)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(y)
+    return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+def drop_path(x, rate: float, rng) -> jax.Array:
+  """Stochastic depth: zero a residual branch per example, rescale the kept ones.
+
+  Kept branches are divided by the survival probability (1 - rate), as in timm's
+  DropPath and big_vision, so the expected branch output at training equals the
+  deterministic output at evaluation and no rescaling is needed at test time.
+  """
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MixerBlock(nn.Module):
+  """x += token_mixing(LN(x)^T)^T ; x += channel_mixing(LN(x))."""
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  stoch_depth: float = 0.0  # This block's drop rate.
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  def _residual(self, x, branch, train):
+    if train and self.stoch_depth > 0.0:
+      branch = drop_path(branch, self.stoch_depth, self.make_rng("dropout"))
+    return x + branch
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    # x: (batch, tokens, channels). `train` is positional so nn.remat can mark it static.
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = jnp.swapaxes(y, 1, 2)  # Mix along tokens: (batch, channels, tokens).
+    y = MlpBlock(self.tokens_mlp_dim, self.dropout, self.dtype, name="token_mixing")(y, train=train)
+    x = self._residual(x, jnp.swapaxes(y, 1, 2), train)
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = MlpBlock(self.channels_mlp_dim, self.dropout, self.dtype, name="channel_mixing")(y, train=train)
+    return self._residual(x, y, train)
+
+
+class MlpMixer(nn.Module):
+  """The paper's MLP-Mixer. Inputs: NHWC images scaled to [-1, 1].
+
+  Attributes:
+    num_classes: head width; 0 or None returns pooled pre-logits instead of logits.
+    stoch_depth: stochastic-depth rate of the LAST block; block i of N uses
+      `stoch_depth * i / (N - 1)` (0 for the first block), one per-example decision
+      per residual branch, kept branches rescaled by 1/(1 - rate) (see `drop_path`).
+    dropout: dropout rate after GELU and after each MLP's output.
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters are always float32 and the
+      logits are returned in float32.
+    head_bias_init: initial head bias (e.g. -6.9 for a sigmoid loss; kernel is zeros).
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+  patch_size: int
+  num_classes: Optional[int]
+  num_blocks: int
+  hidden_dim: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  stoch_depth: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  head_bias_init: float = 0.0
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
+    _check_image_shape(images.shape, self.patch_size)
+    x = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size),
+                strides=(self.patch_size, self.patch_size), padding="VALID",
+                dtype=self.dtype, param_dtype=jnp.float32, name="stem")(images)
+    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Row-major raster order.
+    # static_argnums counts `self`: argument 2 is `train`.
+    block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
+    for i in range(self.num_blocks):
+      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
+      x = block_cls(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
+                    self.dtype, name=f"MixerBlock_{i}")(x, train)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="pre_head_layer_norm")(x)
+    if return_tokens:
+      return x.astype(jnp.float32)
+    x = jnp.mean(x, axis=1)
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
+    return x.astype(jnp.float32)
+
+
+def _check_image_shape(shape, patch_size):
+  if len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f"Images must be NHWC with 3 channels, got shape {tuple(shape)}.")
+  for side in shape[1:3]:
+    if side % patch_size:
+      raise ValueError(
+          f"Image side {side} is not divisible by the patch size {patch_size}; use an "
+          f"image size that is a multiple of {patch_size} (e.g. {patch_size * max(side // patch_size, 1)}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+  patch_size: int
+  num_blocks: int
+  hidden_dim: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+
+
+def parse_variant(variant: str) -> MixerSpec:
+  """'B/16' -> MixerSpec. Any '<S|B|L|H>/<patch>' is accepted."""
+  m = re.fullmatch(r"([SBLH])/(\d+)", str(variant).strip())
+  if not m or int(m.group(2)) <= 0:
+    raise ValueError(
+        f"Unknown Mixer variant {variant!r}; use '<S|B|L|H>/<patch>' such as "
+        f"{', '.join(PAPER_VARIANTS)} or 'B/8'.")
+  return MixerSpec(patch_size=int(m.group(2)), **SIZES[m.group(1)])
+
+
+_SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
+_OTHER_FIELDS = ("stoch_depth", "dropout", "dtype", "head_bias_init", "remat")
+
+
+def create_model(variant: str, num_classes: Optional[int], **overrides) -> MlpMixer:
+  """Builds a Mixer from a paper variant name plus optional field overrides.
+
+  Args:
+    variant: "S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14" or any
+      "<S|B|L|H>/<patch>".
+    num_classes: head width; 0 or None gives pooled pre-logit features.
+    **overrides: any of patch_size, num_blocks, hidden_dim, tokens_mlp_dim,
+      channels_mlp_dim (custom/tiny models), stoch_depth, dropout, dtype
+      ("float32", "bfloat16" or a jnp dtype), head_bias_init, remat.
+  """
+  fields = dataclasses.asdict(parse_variant(variant))
+  unknown = set(overrides) - set(_SIZE_FIELDS) - set(_OTHER_FIELDS)
+  if unknown:
+    raise ValueError(f"Unknown model field(s) {sorted(unknown)}; allowed: "
+                     f"{', '.join(_SIZE_FIELDS + _OTHER_FIELDS)}.")
+  fields.update(overrides)
+  for name in _SIZE_FIELDS:
+    value = fields[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"Model field {name}={value!r} must be a positive integer.")
+  if num_classes is not None and (isinstance(num_classes, bool) or
+                                  not isinstance(num_classes, int) or num_classes < 0):
+    raise ValueError(f"num_classes={num_classes!r} must be a non-negative integer "
+                     "(0 or None for pre-logit features).")
+  for name in ("stoch_depth", "dropout"):
+    value = fields.get(name, 0.0)
+    if not 0.0 <= float(value) < 1.0:
+      raise ValueError(f"Model field {name}={value!r} must be in [0, 1).")
+  if "dtype" in fields:
+    fields["dtype"] = compute_dtype(fields["dtype"])
+  return MlpMixer(num_classes=num_classes, **fields)
+
+
+def compute_dtype(name):
+  """'float32' | 'bfloat16' | 'float16' (or a dtype) -> jnp dtype."""
+  allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if isinstance(name, str):
+    if name not in allowed:
+      raise ValueError(f"Unknown compute dtype {name!r}; use one of {', '.join(allowed)}.")
+    return allowed[name]
+  return name
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def init_params(model: MlpMixer, image_size: int, rng=None):
+  """Parameters of `model` for square images of side `image_size`, without FLOPs.
+
+  Uses `jax.eval_shape` first so that a bad shape fails fast, then initialises.
+  """
+  rng = jax.random.key(0) if rng is None else rng
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda r: model.init(r, dummy, train=False))(rng)["params"]
+
+
+def param_shapes(model: MlpMixer, image_size: int):
+  """Parameter ShapeDtypeStructs, computed without allocating or running anything."""
+  dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)["params"]

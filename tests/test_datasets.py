@@ -1,0 +1,338 @@
+"""Tests for the data sources: mixer_digits (TFDS) and FolderSource."""
+
+import io
+import os
+import socket
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mixer_jax.datasets import digits
+from mixer_jax.datasets import folder
+from mixer_jax.datasets.folder import FolderSource, decode_rgb
+
+
+# --------------------------------------------------------------------------
+# mixer_digits
+# --------------------------------------------------------------------------
+
+
+def _no_network(*args, **kwargs):
+  raise AssertionError(f'network access attempted: {args!r}')
+
+
+def _prepare_offline(data_dir, plain_tfds=False):
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(socket.socket, 'connect', _no_network)
+    mp.setattr(socket, 'create_connection', _no_network)
+    mp.setattr(socket, 'getaddrinfo', _no_network)
+    if plain_tfds:  # The stock TFDS entry points, default download config.
+      builder = tfds.builder('mixer_digits', data_dir=str(data_dir))
+      builder.download_and_prepare()
+      return tfds.builder('mixer_digits', data_dir=str(data_dir))
+    return digits.prepare(str(data_dir))
+
+
+def _load_split(builder, split):
+  return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+
+
+@pytest.fixture(scope='module')
+def digits_dirs(tmp_path_factory):
+  return (tmp_path_factory.mktemp('tfds_a'), tmp_path_factory.mktemp('tfds_b'))
+
+
+@pytest.fixture(scope='module')
+def digits_builder(digits_dirs):
+  return _prepare_offline(digits_dirs[0])
+
+
+def test_digits_registered_and_reusable(digits_builder, digits_dirs):
+  builder = tfds.builder('mixer_digits', data_dir=str(digits_dirs[0]))
+  assert builder.is_prepared()
+  assert str(builder.version) == '1.0.0'
+  # Preparing again finds the prepared data.
+  again = _prepare_offline(digits_dirs[0])
+  assert again.info.splits['train'].num_examples == 1442
+
+
+def test_digits_counts(digits_builder):
+  splits = digits_builder.info.splits
+  assert splits['train'].num_examples == digits.SPLIT_SIZES['train'] == 1442
+  assert splits['test'].num_examples == digits.SPLIT_SIZES['test'] == 355
+  assert 1442 + 355 == digits.NUM_EXAMPLES == 1797
+  assert digits_builder.info.features['label'].names == [
+      str(i) for i in range(10)]
+  for split in ('train', 'test'):
+    d = _load_split(digits_builder, split)
+    counts = np.bincount(d['label'], minlength=10)
+    assert tuple(counts) == digits.CLASS_COUNTS[split]
+    assert (counts > 0).all()
+    assert len(set(d['id'].tolist())) == len(d['id'])
+
+
+def test_digits_pixels(digits_builder):
+  from sklearn.datasets import load_digits
+  raw = load_digits()
+  d = _load_split(digits_builder, 'train')
+  img = d['image']
+  assert img.dtype == np.uint8 and img.shape[1:] == (8, 8, 3)
+  assert img.min() == 0 and img.max() == 255
+  np.testing.assert_array_equal(img[..., 0], img[..., 1])
+  np.testing.assert_array_equal(img[..., 0], img[..., 2])
+  expected = np.floor(raw.images[d['id']] * 255 / 16 + 0.5).astype(np.uint8)
+  np.testing.assert_array_equal(img[..., 0], expected)
+  np.testing.assert_array_equal(d['label'], raw.target[d['id']])
+
+
+def test_digits_split_rule_and_determinism(digits_builder, digits_dirs):
+  from sklearn.datasets import load_digits
+  y = load_digits().target
+  expected_test = set()
+  for c in range(10):
+    idx = np.sort(np.flatnonzero(y == c))
+    expected_test |= set(idx[4::5].tolist())
+  other = _prepare_offline(digits_dirs[1], plain_tfds=True)
+  for split in ('train', 'test'):
+    a = _load_split(digits_builder, split)
+    b = _load_split(other, split)
+    np.testing.assert_array_equal(a['id'], b['id'])  # Same order too.
+    np.testing.assert_array_equal(a['image'], b['image'])
+    ids = set(a['id'].tolist())
+    if split == 'test':
+      assert ids == expected_test
+    else:
+      assert not ids & expected_test and len(ids) == 1797 - 355
+
+
+# --------------------------------------------------------------------------
+# FolderSource
+# --------------------------------------------------------------------------
+
+
+def _img(path, mode='RGB', size=(12, 10), seed=0, fmt=None):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.RandomState(seed)
+  arr = rng.randint(0, 256, size=(size[1], size[0], 4), dtype=np.uint8)
+  im = Image.fromarray(arr, 'RGBA').convert(mode)
+  im.save(path, format=fmt)
+  return str(path)
+
+
+def _flat_tree(root, per_class=4):
+  for c, cls in enumerate(['dog', 'cat', 'bird']):
+    for i in range(per_class):
+      ext = ['.jpg', '.png', '.JPG', '.jpeg'][i % 4]
+      fmt = 'JPEG' if ext.lower() in ('.jpg', '.jpeg') else 'PNG'
+      _img(root / cls / f'{i:03d}{ext}', seed=10 * c + i, fmt=fmt)
+  return root
+
+
+def test_folder_flat_layout(tmp_path):
+  root = _flat_tree(tmp_path / 'flat')
+  gray = _img(root / 'cat' / 'gray.png', mode='L')
+  rgba = _img(root / 'dog' / 'rgba.png', mode='RGBA')
+  _img(root / 'bird' / 'pal.gif', mode='P', fmt='GIF')
+  _img(root / 'bird' / 'x.bmp', fmt='BMP')
+  (root / 'bird' / 'notes.txt').write_text('not an image')
+  _img(root / 'cat' / '.hidden.png')
+  src = FolderSource(str(root))
+  assert src.class_names == ['bird', 'cat', 'dog']
+  assert src.num_classes == 3
+  assert src.split_names == ['train']
+  items = src.split('train')
+  assert len(items) == src.num_examples('train') == 12 + 4
+  for path, label in items:
+    assert os.path.isabs(path)
+    assert os.path.basename(os.path.dirname(path)) == src.class_names[label]
+  assert (gray, 1) in items and (rgba, 2) in items
+  assert not any(p.endswith(('.txt', '.hidden.png')) for p, _ in items)
+  assert src.skipped == []
+
+  ds = src.as_dataset('train')
+  assert ds.element_spec['image'].dtype == tf.string
+  assert ds.element_spec['label'].dtype == tf.int64
+  seen = [(ex['path'].decode(), int(ex['label']))
+          for ex in tfds.as_numpy(ds)]
+  assert seen == items  # Fixed order, unshuffled.
+
+
+def test_folder_decode_rgb(tmp_path):
+  root = tmp_path / 'modes'
+  paths = {
+      'gray': _img(root / 'a' / 'gray.png', mode='L', size=(7, 5)),
+      'rgba': _img(root / 'a' / 'rgba.png', mode='RGBA', size=(7, 5)),
+      'la': _img(root / 'a' / 'la.png', mode='LA', size=(7, 5)),
+      'gif': _img(root / 'a' / 'p.gif', mode='P', size=(7, 5), fmt='GIF'),
+      'jpg_gray': _img(root / 'b' / 'g.jpg', mode='L', size=(7, 5)),
+      'bmp': _img(root / 'b' / 'x.bmp', size=(7, 5)),
+  }
+  src = FolderSource(str(root))
+  ds = src.as_dataset('train').map(lambda ex: decode_rgb(ex['image']))
+  assert ds.element_spec.shape.as_list() == [None, None, 3]
+  images = list(tfds.as_numpy(ds))
+  assert len(images) == len(paths)
+  for im in images:
+    assert im.shape == (5, 7, 3) and im.dtype == np.uint8
+  gray = decode_rgb(tf.io.read_file(paths['gray'])).numpy()
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+  np.testing.assert_array_equal(gray[..., 0], np.asarray(Image.open(paths['gray'])))
+  rgba = decode_rgb(tf.io.read_file(paths['rgba'])).numpy()
+  np.testing.assert_array_equal(
+      rgba, np.asarray(Image.open(paths['rgba']))[..., :3])
+
+
+def test_folder_split_layout_and_val_alias(tmp_path):
+  root = tmp_path / 'splits'
+  for split, n in (('train', 3), ('val', 2), ('test', 1)):
+    for cls in ('x', 'y'):
+      for i in range(n):
+        _img(root / split / cls / f'{i}.png')
+  _img(root / 'test' / 'z' / '0.png')  # Class only present in test.
+  src = FolderSource(str(root))
+  assert src.split_names == ['train', 'validation', 'test']
+  assert src.class_names == ['x', 'y', 'z']
+  assert src.num_examples('train') == 6
+  assert src.split('val') == src.split('validation')
+  assert src.num_examples('val') == 4
+  assert src.num_examples('test') == 3
+  assert all('/val/' in p for p, _ in src.split('validation'))
+  assert sorted(lab for _, lab in src.split('test')) == [0, 1, 2]
+
+
+def test_folder_slicing(tmp_path):
+  root = tmp_path / 'slices'
+  for c, cls in enumerate(('a', 'b', 'c')):
+    for i in range(10 + 3 * c):
+      _img(root / cls / f'{i:02d}.png', size=(2, 2), seed=i)
+  src = FolderSource(str(root))
+  full = src.split('train')
+  n = len(full)
+  assert n == 10 + 13 + 16
+  first, second = src.split('train[:50%]'), src.split('train[50%:]')
+  assert len(first) == int(round(n * 0.5))
+  assert not set(first) & set(second)
+  assert first + second == full
+  for part in (first, second, src.split('train[:6]')):
+    assert {lab for _, lab in part} == {0, 1, 2}  # Interleaved classes.
+  assert len(src.split('train[:100]')) == n  # Count past the end clips.
+  assert src.split('train[:5]') == full[:5]
+  assert src.split('train[-5:]') == full[-5:]
+  assert src.split('train[:90%]') + src.split('train[90%:]') == full
+  # Deterministic across constructions, and not plain sorted order.
+  assert FolderSource(str(root)).split('train[:50%]') == first
+  assert [p for p, _ in full] != sorted(p for p, _ in full)
+  for bad in ('train[::2]', 'train[a:]', 'train[:200%]', 'train[5:5]'):
+    with pytest.raises(ValueError) as e:
+      src.split(bad)
+    assert str(root) in str(e.value)
+
+
+def _assert_one_sentence(msg, path):
+  assert str(path) in msg, msg
+  assert '\n' not in msg and msg.endswith('.'), msg
+  assert msg.count('; ') == 1, msg  # "<problem>; <fix>."
+
+
+def test_folder_errors(tmp_path):
+  missing = tmp_path / 'missing'
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(missing))
+  _assert_one_sentence(str(e.value), missing)
+  assert 'does not exist' in str(e.value)
+
+  no_classes = tmp_path / 'no_classes'
+  _img(no_classes / 'loose.png')
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(no_classes))
+  _assert_one_sentence(str(e.value), no_classes)
+  assert 'no class subfolders' in str(e.value)
+
+  empty_class = tmp_path / 'empty_class'
+  _img(empty_class / 'a' / '0.png')
+  (empty_class / 'b').mkdir()
+  (empty_class / 'b' / 'readme.txt').write_text('x')
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(empty_class))
+  _assert_one_sentence(str(e.value), empty_class / 'b')
+  assert 'empty' in str(e.value)
+
+  empty_split = tmp_path / 'empty_split'
+  _img(empty_split / 'train' / 'a' / '0.png')
+  (empty_split / 'test').mkdir()
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(empty_split))
+  _assert_one_sentence(str(e.value), empty_split / 'test')
+
+  src = FolderSource(str(empty_split / 'train'))
+  with pytest.raises(ValueError) as e:
+    src.split('test')
+  msg = str(e.value)
+  assert str(empty_split / 'train') in msg and "'train'" in msg
+  assert 'Unknown split' in msg and '\n' not in msg
+
+
+def test_folder_corrupt_files(tmp_path):
+  root = _flat_tree(tmp_path / 'corrupt')
+  garbage = root / 'cat' / 'garbage.jpg'
+  garbage.write_bytes(b'this is not an image')
+  buf = io.BytesIO()
+  Image.fromarray(np.random.RandomState(0).randint(
+      0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, 'JPEG')
+  truncated = root / 'dog' / 'truncated.jpg'
+  truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(root))
+  msg = str(e.value)
+  _assert_one_sentence(msg, garbage)  # First bad file in sorted order.
+  assert 'cannot be decoded' in msg and 'skip_corrupt_images=True' in msg
+  assert '1 other file' in msg
+
+  # The truncated JPEG alone is caught as well.
+  garbage.unlink()
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(root))
+  _assert_one_sentence(str(e.value), truncated)
+  garbage.write_bytes(b'this is not an image')
+
+  src = FolderSource(str(root), skip_corrupt=True)
+  assert src.skipped == sorted([str(garbage), str(truncated)])
+  assert src.num_examples('train') == 12
+  assert str(garbage) not in {p for p, _ in src.split('train')}
+
+  # A class whose only images are corrupt is reported as having none.
+  lone = tmp_path / 'lone'
+  _img(lone / 'ok' / '0.png')
+  (lone / 'bad').mkdir()
+  (lone / 'bad' / '0.png').write_bytes(b'\x89PNG broken')
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(lone), skip_corrupt=True)
+  _assert_one_sentence(str(e.value), lone / 'bad')
+
+
+def test_folder_check_cache(tmp_path, monkeypatch):
+  root = _flat_tree(tmp_path / 'cached')
+  bad = root / 'bird' / 'bad.png'
+  bad.write_bytes(b'nope')
+  cache = tmp_path / 'cache'
+  calls = []
+  real_check = folder.check_image
+  monkeypatch.setattr(folder, 'check_image',
+                      lambda p: calls.append(p) or real_check(p))
+
+  with pytest.raises(ValueError):
+    FolderSource(str(root), cache_dir=str(cache))
+  assert len(calls) == 13 and len(os.listdir(cache)) == 1
+  calls.clear()
+  src = FolderSource(str(root), cache_dir=str(cache), skip_corrupt=True)
+  assert src.cache_hit and not calls  # Reused, no file re-checked.
+  assert src.skipped == [str(bad)]
+
+  _img(root / 'dog' / 'new.png')  # Changes the listing: re-check.
+  src = FolderSource(str(root), cache_dir=str(cache), skip_corrupt=True)
+  assert not src.cache_hit and len(calls) == 14
+  assert src.num_examples('train') == 13
