@@ -66,11 +66,14 @@ class _TfdsSource:
     if not self.builder.is_prepared():
       self._prepare(manual_dir)
     features = self.builder.info.features
-    if "image" not in features or "label" not in features:
+    # imagenet2012_real calls its single label `original_label` (next to `real_label`).
+    self.label_key = "original_label" if "label" not in features else "label"
+    if "image" not in features or self.label_key not in features:
       raise DataError(f"TFDS dataset {name!r} has features {sorted(features.keys())}; "
                       "an image classification dataset with 'image' and 'label' is required.")
-    self.class_names = list(features["label"].names) if hasattr(features["label"], "names") else None
-    self.num_classes = int(features["label"].num_classes)
+    label = features[self.label_key]
+    self.class_names = list(label.names) if hasattr(label, "names") else None
+    self.num_classes = int(label.num_classes)
     self.has_real_labels = "real_label" in features
 
   def _prepare(self, manual_dir: str):
@@ -81,8 +84,11 @@ class _TfdsSource:
       return
     base = name.split("/")[0].split(":")[0]
     if base in _MANUAL_DATASETS:
-      manual = manual_dir or os.path.join(os.path.dirname(os.path.dirname(
-          os.path.dirname(where))), "downloads", "manual")
+      # TFDS's own default: DATA_DIR/downloads/manual; `where` is DATA_DIR/name[/config]/version.
+      root = where
+      for _ in range(3 if self.builder.builder_config else 2):
+        root = os.path.dirname(root)
+      manual = manual_dir or os.path.join(root, "downloads", "manual")
       if not os.path.isdir(manual) or not os.listdir(manual):
         raise DataError(f"TFDS dataset {name} is not prepared in {where}; "
                         f"{_MANUAL_DATASETS[base]}, here {manual}, and run again.")
@@ -109,8 +115,10 @@ class _TfdsSource:
         split=sub, shuffle_files=False,
         decoders={"image": self._tfds.decode.SkipDecoding()},
         read_config=self._tfds.ReadConfig(add_tfds_id=False))
-    keep = ["image", "label"] + (["real_label"] if self.has_real_labels else [])
-    return ds.map(lambda ex: {k: ex[k] for k in keep})
+    keep = {"image": "image", "label": self.label_key}
+    if self.has_real_labels:
+      keep["real_label"] = "real_label"
+    return ds.map(lambda ex: {k: ex[v] for k, v in keep.items()})
 
   def local_size(self, split: str, index: int, count: int) -> int:
     return self.split_size(self.process_split(split, index, count))
@@ -224,7 +232,8 @@ def preprocess_eval(example, config, num_classes):
   out = {"image": _to_model_range(image), "label": _check_label(example["label"], num_classes),
          "mask": tf.constant(1.0, tf.float32)}
   if "real_label" in example:
-    multi_hot = tf.reduce_max(tf.one_hot(example["real_label"], num_classes), axis=0)
+    # A sum, not a max: max over an image with no ReaL labels would give -inf (-> NaN).
+    multi_hot = tf.minimum(tf.reduce_sum(tf.one_hot(example["real_label"], num_classes), 0), 1.0)
     out["real"] = tf.reshape(multi_hot, [num_classes])
   return out
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: a session TFDS data dir with the embedded digits, tiny configs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "faults: kill-and-resume fault injection (slow).")
+  config.addinivalue_line("markers", "multiprocess: runs several JAX processes on localhost.")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """TFDS data dir holding the prepared `mixer_digits` (offline, ~3 s)."""
+  from mixer_jax.datasets import digits
+  path = str(tmp_path_factory.mktemp("tfds"))
+  digits.prepare(path)
+  return path
+
+
+TINY_MODEL = dict(patch_size=2, num_blocks=2, hidden_dim=16, tokens_mlp_dim=16,
+                  channels_mlp_dim=32)
+
+
+def tiny_config(data_dir, **overrides):
+  """configs/default.py shrunk to a few fast steps."""
+  from configs import default
+  c = default.get_config()
+  c.data_dir = data_dir
+  for k, v in TINY_MODEL.items():
+    c.model[k] = v
+  c.batch_size = 32
+  c.num_train_steps = 4
+  c.warmup_steps = 1
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 2
+  c.log_image_grid = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def config_flags(data_dir, **overrides):
+  """The same tiny config as command-line flags for `python -m mixer_jax.main`."""
+  flags = {"data_dir": data_dir, "batch_size": 32, "num_train_steps": 4, "warmup_steps": 1,
+           "log_every_steps": 2, "eval_every_steps": 4, "checkpoint_every_steps": 2,
+           "log_image_grid": False}
+  flags.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
+  flags.update(overrides)
+  return [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def run_main(args, env_extra=None, timeout=300, config="configs/default.py"):
+  """Runs `python -m mixer_jax.main` in a subprocess; returns CompletedProcess."""
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env.update(env_extra or {})
+  cmd = [sys.executable, "-m", "mixer_jax.main", f"--config={config}"] + list(args)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)

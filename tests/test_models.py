@@ -1,0 +1,231 @@
+"""The model zoo: exact parameter counts, shapes, features, errors, numerics."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixer_jax import models
+
+# REFERENCE.md: 224x224, 1000 classes.
+PAPER_COUNTS = {
+    "S/32": 19_104_624, "S/16": 18_528_264, "B/32": 60_293_428, "B/16": 59_880_472,
+    "L/32": 206_939_264, "L/16": 208_196_168, "H/14": 432_350_952,
+}
+TINY = dict(patch_size=4, num_blocks=2, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=12)
+
+
+@pytest.mark.parametrize("variant,expected", sorted(PAPER_COUNTS.items()))
+def test_paper_parameter_counts(variant, expected):
+  model = models.create_model(variant, 1000)
+  assert models.count_params(models.param_shapes(model, 224)) == expected
+
+
+def test_headless_counts_match_reference():
+  for variant, headless in (("S/32", 18_591_624), ("H/14", 431_069_952)):
+    model = models.create_model(variant, 0)
+    assert models.count_params(models.param_shapes(model, 224)) == headless
+
+
+def test_module_tree_matches_released_layout():
+  shapes = models.param_shapes(models.create_model("B/16", 1000), 224)
+  assert set(shapes) == {"stem", "pre_head_layer_norm", "head"} | {
+      f"MixerBlock_{i}" for i in range(12)}
+  block = jax.tree_util.tree_map(lambda s: s.shape, shapes["MixerBlock_3"])
+  assert block["token_mixing"]["Dense_0"]["kernel"] == (196, 384)
+  assert block["token_mixing"]["Dense_1"]["kernel"] == (384, 196)
+  assert block["channel_mixing"]["Dense_0"]["kernel"] == (768, 3072)
+  assert block["channel_mixing"]["Dense_1"]["kernel"] == (3072, 768)
+  assert block["LayerNorm_0"]["scale"] == (768,) and block["LayerNorm_1"]["bias"] == (768,)
+  assert shapes["stem"]["kernel"].shape == (16, 16, 3, 768)
+  assert shapes["head"]["kernel"].shape == (768, 1000)
+
+
+def _tiny(num_classes=5, **kw):
+  fields = dict(TINY, **kw)
+  return models.create_model("S/4", num_classes, **fields)
+
+
+def test_forward_shapes_features_and_tokens():
+  images = jnp.linspace(-1, 1, 2 * 16 * 16 * 3).reshape(2, 16, 16, 3)
+  model = _tiny()
+  params = models.init_params(model, 16)
+  logits = model.apply({"params": params}, images, train=False)
+  assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+  np.testing.assert_array_equal(logits, 0.0)  # Zero-initialised head.
+  features = _tiny(num_classes=0)
+  feats = features.apply({"params": {k: v for k, v in params.items() if k != "head"}}, images)
+  assert feats.shape == (2, 8)
+  tokens = model.apply({"params": params}, images, return_tokens=True)
+  assert tokens.shape == (2, 16, 8)
+  np.testing.assert_allclose(tokens.mean(axis=1), feats, rtol=1e-6, atol=1e-6)
+  assert models.create_model("S/4", None, **TINY).num_classes is None
+
+
+@pytest.mark.parametrize("variant", ["X/16", "B16", "B/0", "b/16", "B/-2", ""])
+def test_unknown_variant_raises(variant):
+  with pytest.raises(ValueError, match="variant"):
+    models.create_model(variant, 10)
+
+
+@pytest.mark.parametrize("field,value", [("hidden_dim", 0), ("num_blocks", -1),
+                                         ("patch_size", 0), ("tokens_mlp_dim", 2.5)])
+def test_non_positive_size_raises(field, value):
+  with pytest.raises(ValueError, match=field):
+    _tiny(**{field: value})
+
+
+def test_other_bad_inputs_raise():
+  with pytest.raises(ValueError, match="num_classes"):
+    models.create_model("B/16", -3)
+  with pytest.raises(ValueError, match="Unknown model field"):
+    models.create_model("B/16", 10, hiden_dim=3)
+  with pytest.raises(ValueError, match="stoch_depth"):
+    models.create_model("B/16", 10, stoch_depth=1.5)
+  with pytest.raises(ValueError, match="dtype"):
+    models.create_model("B/16", 10, dtype="float8")
+
+
+def test_image_side_not_divisible_by_patch_raises():
+  model = models.create_model("B/16", 10)
+  with pytest.raises(ValueError, match="Image side 200 is not divisible by the patch size 16"):
+    models.param_shapes(model, 200)
+
+
+def test_stochastic_depth_eval_is_deterministic_and_train_drops():
+  model = _tiny(stoch_depth=0.5, num_blocks=4)
+  params = jax.tree_util.tree_map(
+      lambda p: jax.random.normal(jax.random.key(1), p.shape) * 0.3,
+      models.init_params(model, 16))
+  images = jax.random.uniform(jax.random.key(2), (4, 16, 16, 3), minval=-1, maxval=1)
+  apply = lambda seed, train: model.apply({"params": params}, images, train=train,
+                                          rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_array_equal(apply(0, False), apply(1, False))
+  np.testing.assert_array_equal(apply(3, True), apply(3, True))
+  assert not np.allclose(apply(0, True), apply(1, True))
+
+
+def test_drop_path_survival_rate_and_rescaling():
+  x = jnp.ones((20_000, 3, 2))
+  rate = 0.3
+  y = models.drop_path(x, rate, jax.random.key(0))
+  per_example = np.asarray(y[:, 0, 0])
+  kept = per_example != 0
+  # All of an example's branch is kept or dropped together (per-example decision).
+  np.testing.assert_array_equal(np.asarray(y != 0).all(axis=(1, 2)), kept)
+  assert abs(kept.mean() - (1 - rate)) < 0.015
+  np.testing.assert_allclose(per_example[kept], 1 / (1 - rate), rtol=1e-6)
+  assert abs(float(y.mean()) - 1.0) < 0.03  # Expected value preserved.
+
+
+def test_stochastic_depth_rates_rise_linearly_over_blocks():
+  import flax.linen as nn
+  model = _tiny(stoch_depth=0.3, num_blocks=4)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, models.MixerBlock) and context.method_name == "__call__":
+      seen[context.module.name] = context.module.stoch_depth
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  np.testing.assert_allclose([seen[f"MixerBlock_{i}"] for i in range(4)],
+                             [0.0, 0.1, 0.2, 0.3], atol=1e-9)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype="bfloat16")
+  params = models.init_params(model, 16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  images = jnp.zeros((2, 16, 16, 3))
+  logits, state = model.apply({"params": params}, images, capture_intermediates=True,
+                              mutable=["intermediates"])
+  assert logits.dtype == jnp.float32
+  dense = state["intermediates"]["MixerBlock_0"]["channel_mixing"]["Dense_0"]["__call__"][0]
+  assert dense.dtype == jnp.bfloat16
+
+
+def _np_layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def _np_gelu(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_mlp(x, p):
+  h = _np_gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def np_mixer_block(x, p):
+  """The paper's formula, written independently of the Flax code (float64)."""
+  y = _np_layer_norm(x, p["LayerNorm_0"]["scale"], p["LayerNorm_0"]["bias"])
+  x = x + _np_mlp(y.transpose(0, 2, 1), p["token_mixing"]).transpose(0, 2, 1)
+  y = _np_layer_norm(x, p["LayerNorm_1"]["scale"], p["LayerNorm_1"]["bias"])
+  return x + _np_mlp(y, p["channel_mixing"])
+
+
+def np_mixer_forward(images, p, patch):
+  """Whole forward pass in NumPy: stem as patch matmul, blocks, LN, pooling, head."""
+  b, h, w, c = images.shape
+  patches = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), -1)
+  x = patches @ p["stem"]["kernel"].reshape(-1, p["stem"]["kernel"].shape[-1]) + p["stem"]["bias"]
+  i = 0
+  while f"MixerBlock_{i}" in p:
+    x = np_mixer_block(x, p[f"MixerBlock_{i}"])
+    i += 1
+  x = _np_layer_norm(x, p["pre_head_layer_norm"]["scale"], p["pre_head_layer_norm"]["bias"])
+  return x.mean(1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def random_params(model, image_size, seed=0):
+  shapes = models.param_shapes(model, image_size)
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_unflatten(
+      treedef, [rng.normal(0, 0.5, s.shape).astype(np.float32) for s in leaves])
+
+
+def test_one_block_matches_numpy_formula():
+  block = models.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12)
+  x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
+  shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_unflatten(
+      treedef, [rng.normal(0, 0.5, s.shape).astype(np.float32) for s in leaves])
+  got = block.apply({"params": params}, x)
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  np.testing.assert_allclose(got, np_mixer_block(x.astype(np.float64), p64), rtol=2e-5, atol=2e-5)
+
+
+def test_whole_model_matches_numpy_forward():
+  model = _tiny(num_classes=7)
+  params = random_params(model, 16)
+  images = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  got = model.apply({"params": params}, images)
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  np.testing.assert_allclose(got, np_mixer_forward(images.astype(np.float64), p64, 4),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_summary_command_prints_count_and_flops():
+  out = subprocess.run([sys.executable, "-m", "mixer_jax.summary", "--variant=S/32",
+                        "--notable"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "19,104,624 parameters" in out.stdout
+  import json
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  # Forward FLOPs of S/32 at 224: ~1.0 GMAC -> ~2 GFLOPs (multiply-add counted as 2).
+  assert 1.5e9 < row["forward_flops"] < 2.5e9
+  bad = subprocess.run([sys.executable, "-m", "mixer_jax.summary", "--variant=Q/3"],
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode != 0 and "Unknown Mixer variant 'Q/3'" in bad.stderr
