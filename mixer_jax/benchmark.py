@@ -263,7 +263,8 @@ class TrainBench:
     return flops / self.args.batch_size if flops is not None else None
 
   def run(self, batch=None):
-    self.state, metrics = self.step(self.state, self.batch if batch is None else batch)
+    # The compiled executable itself: calling the jitted function would compile again.
+    self.state, metrics = self.compiled(self.state, self.batch if batch is None else batch)
     return metrics["loss"]
 
 

@@ -47,7 +47,7 @@ give a slice for very large ones (e.g. `--fewshot_train_split=train[:10%]`).
 
 Output: a summary line, then, as the last line on stdout, one JSON object
   {"dataset", "split", "num_examples", "top1", "top5", "loss", "checkpoint",
-   "image_size", "eval_preprocess"[, "real_top1", "real_num_examples"]
+   "image_size", "eval_preprocess", "devices"[, "real_top1", "real_num_examples"]
    [, "fewshot_<n>shot" ...]}
 (`top5` is null for fewer than 5 classes); --output=FILE writes the same object.
 Problems a user can fix (missing checkpoint, class-count mismatch, unprepared
@@ -77,6 +77,9 @@ SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "chan
 # The split that holds the labelled evaluation images of datasets with a fixed one.
 KNOWN_SPLITS = {"imagenet2012": "validation", "imagenet2012_real": "validation",
                 "imagenet_v2": "test"}
+# TFDS reads whatever the tar holds (a truncated tar gives fewer images, silently).
+KNOWN_SIZES = {("imagenet2012", "validation"): 50_000,
+               ("imagenet2012_real", "validation"): 50_000}
 
 
 class EvaluateError(ValueError):
@@ -227,6 +230,11 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
   source = input_pipeline.get_source(config)  # Prepares an offline-buildable dataset.
   data = input_pipeline.dataset_info(source, [split] + ([fewshot_train_split] if fewshot else []))
   check_classes(checkpoint_path, num_classes, data.name, data.num_classes, config.num_classes)
+  expected_size = KNOWN_SIZES.get((config.dataset, split))
+  if expected_size and data.num_examples[split] != expected_size:
+    logging.warning("%s %s has %d images, not the %d of the full split; the numbers are not "
+                    "comparable to published ones (is the tar file complete?).", data.name,
+                    split, data.num_examples[split], expected_size)
   names = info.get("class_names")
   if names and data.class_names and list(names) != list(data.class_names):
     logging.warning("Checkpoint %s was trained with class names %s... but %s has %s...; "
@@ -249,7 +257,7 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
             "num_examples": int(round(metrics["num_examples"])),
             "top1": metrics["accuracy"], "top5": metrics.get("top5"), "loss": metrics["loss"],
             "checkpoint": checkpoint_path, "image_size": size,
-            "eval_preprocess": config.eval_preprocess}
+            "eval_preprocess": config.eval_preprocess, "devices": jax.device_count()}
   if "real_accuracy" in metrics:
     result["real_top1"] = metrics["real_accuracy"]
     result["real_num_examples"] = int(round(metrics["real_num_examples"]))

@@ -92,8 +92,14 @@ class _TfdsSource:
       if not os.path.isdir(manual) or not os.listdir(manual):
         raise DataError(f"TFDS dataset {name} is not prepared in {where}; "
                         f"{_MANUAL_DATASETS[base]}, here {manual}, and run again.")
-      self.builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual))
+      try:
+        self.builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual))
+      except Exception as e:  # Truncated or misnamed tars: TFDS's own errors are deep.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"TFDS could not prepare {name} from the manual dir {manual} "
+                        f"({type(e).__name__}: {reason}); {_MANUAL_DATASETS[base]}, "
+                        "complete and unmodified.") from e
       return
     raise DataError(f"TFDS dataset {name} is not prepared in {where}; prepare it on a "
                     f"machine with internet (`tfds build {name} --data_dir=DIR`) and point "

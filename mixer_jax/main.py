@@ -6,6 +6,11 @@ r"""Train and evaluate a Mixer: flags and process setup only; the loop is train.
 
 Multi-host: the same command on every host. Cloud TPU pods and SLURM are detected;
 elsewhere pass --coordinator_address, --num_processes and --process_id.
+
+SIGTERM to any process (a preemption notice): every process stops after the same step,
+saves a checkpoint and exits 0. A process that dies makes the others exit non-zero
+within --heartbeat_timeout_s plus a few seconds. Either way, the same command again
+resumes from the last checkpoint.
 """
 
 import os
@@ -32,7 +37,8 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Total processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_integer("heartbeat_timeout_s", 30,
-                     "A process missing this long is declared dead and the others exit.")
+                     "A process missing this long is declared dead and the others exit "
+                     "(non-zero, within this many seconds plus a few).")
 flags.DEFINE_integer("init_timeout_s", 120,
                      "How long to wait for all processes to join before giving up.")
 flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors.")
@@ -54,7 +60,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None or not FLAGS.workdir:
     raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --workdir=DIR.")
-  errors.run_guarded(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.traceback)
+  try:
+    errors.run_guarded(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.traceback)
+  except BaseException as e:
+    # Multi-process: leave at once, so no process waits on one that has stopped.
+    from mixer_jax import distributed
+    distributed.exit_now(e)
+    raise
 
 
 def _run(config, workdir):
@@ -67,7 +79,12 @@ def _run(config, workdir):
   logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  result = train.train_and_evaluate(config, workdir)
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except Exception as e:
+    if jax.process_count() > 1 and distributed.is_runtime_failure(e):
+      raise distributed.failure(e) from e
+    raise
   if jax.process_index() == 0 and result:
     print({k: round(v, 6) for k, v in result.items()})
 

@@ -7,9 +7,11 @@ Mesh axes: `data` (batch, and parameters under fsdp) x `model` (the MLP hidden
 dimension, when `mesh_model` > 1).
 """
 
+import functools
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -90,6 +92,20 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree_util.tree_map(to_global, local_batch)
+
+
+def any_process(flag: bool, mesh: Mesh) -> jax.Array:
+  """True on every process if any process passed True: a one-element-per-device
+  all-reduce, dispatched asynchronously like a train step (read it later)."""
+  devices = NamedSharding(mesh, P((DATA, MODEL)))
+  flags = jax.make_array_from_callback((mesh.devices.size,), devices,
+                                       lambda index: np.full((1,), flag))
+  return _reduce_any(flags, replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _reduce_any(flags, out_sharding):
+  return jax.lax.with_sharding_constraint(jnp.any(flags), out_sharding)
 
 
 def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh, name="batch_size"):

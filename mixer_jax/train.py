@@ -8,6 +8,7 @@ The train step is a pure function of (state, batch): every random number derives
 from (config.seed, step), so a resumed run is the same run.
 """
 
+import collections
 import functools
 import os
 import signal
@@ -153,31 +154,42 @@ class Evaluator:
 
 # ------------------------------------------------------------------ preemption
 class PreemptionWatcher:
-  """Agrees on a step at which every process stops after SIGTERM.
+  """Agrees on one step after which every process stops, once any process got SIGTERM.
 
-  Multi-process: JAX's preemption sync point (the coordination service notices the
-  SIGTERM on any host and picks one step for all). Single process: our own handler.
+  The SIGTERM handler only sets this process's flag. After every step each process
+  dispatches a tiny all-reduce of the flags (sharding.any_process), queued behind the
+  step like any device work, and reads the one dispatched `LAG` steps earlier, which
+  has finished by then: the host never waits for the device, and since every process
+  reads the same all-reduce after the same step, all stop after the same step (at
+  most LAG + 1 steps after the signal). One code path for 1 and N processes.
+
+  JAX's own preemption service is switched off (distributed.py): it would install a
+  competing C++ handler, and its sync point (largest step reported, plus one) is never
+  reached by a resumed run that is notified before its first step.
   """
+  LAG = 2
 
-  def __init__(self):
+  def __init__(self, mesh):
+    self._mesh = mesh
     self._signalled = False
-    self._multi = jax.process_count() > 1
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._checks = collections.deque()
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    logging.warning("SIGTERM received: every process stops after the same step, saves a "
+                    "checkpoint and exits.")
     self._signalled = True
 
   def should_stop(self, step: int) -> bool:
-    if self._multi:
-      from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._signalled
+    """Call after every step, on every process; True on all of them at the same step."""
+    del step  # The agreement is on the call count, the same on every process.
+    self._checks.append(sharding.any_process(self._signalled, self._mesh))
+    if len(self._checks) <= self.LAG:
+      return False
+    return bool(self._checks.popleft())
 
   def close(self):
-    if not self._multi:
-      signal.signal(signal.SIGTERM, self._previous)
+    signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -190,20 +202,29 @@ class TrainCheckpoints:
     self.dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     self.data_dir = os.path.join(workdir, checkpoint.DATA_STATE_DIR)
     self.manager = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False))
+        max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        # A save killed half-way leaves a temp dir; clear it so the step can be redone.
+        cleanup_tmp_directories=True))
 
   def _data_path(self, step: int) -> str:
     return os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}")
 
   def save(self, step: int, state, data_iterator) -> None:
-    # Data position first: a step orbax lists always has one.
-    input_pipeline.save_iterator(data_iterator, self._data_path(step))
     ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
-        meta=ocp.args.JsonSave({"step": step})), force=True)
-    self.manager.wait_until_finished()
+    try:
+      # Data position first: a step orbax lists always has one.
+      input_pipeline.save_iterator(data_iterator, self._data_path(step))
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state["params"]),
+          opt_state=ocp.args.StandardSave(state["opt_state"]),
+          meta=ocp.args.JsonSave({"step": step})), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:  # Disk full, permissions, a vanished mount...
+      previous = [s for s in self.manager.all_steps() if s != step]
+      kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+      raise WorkdirError(
+          f"Saving checkpoint step {step} in {self.dir} failed ({_short(e)}); {kept}, so "
+          "free disk space (or fix the path) and rerun the same command to resume.") from e
     self._prune_data_states()
 
   def _prune_data_states(self):
@@ -218,6 +239,33 @@ class TrainCheckpoints:
 
   def restore_latest(self, abstract_state, data_iterator) -> Optional[Dict[str, Any]]:
     """Newest readable step (falling back past unreadable ones), or None."""
+    unreadable = []
+    try:
+      return self._restore_newest_readable(abstract_state, data_iterator, unreadable)
+    finally:
+      self._set_aside(unreadable)
+
+  def _set_aside(self, steps):
+    """Moves unreadable steps out of the way (kept for inspection, never deleted), so
+    the resumed run can save those steps again."""
+    if not steps:
+      return
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mixer_set_aside_unreadable_checkpoints")
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.dir), "unreadable_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(self.dir, str(step)), target)
+        logging.error("Moved unreadable checkpoint step %d to %s.", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mixer_set_aside_done")
+    self.manager.reload()
+
+  def _restore_newest_readable(self, abstract_state, data_iterator, unreadable):
     ocp = self._ocp
     for step in sorted(self.manager.all_steps(), reverse=True):
       data_path = self._data_path(step)
@@ -233,8 +281,9 @@ class TrainCheckpoints:
             meta=ocp.args.JsonRestore()))
         input_pipeline.restore_iterator(data_iterator, data_path)
       except Exception as e:  # Truncated or corrupted files: use the previous step.
-        logging.error("Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
-                      "previous one.", step, self.dir, type(e).__name__, str(e)[:300])
+        logging.error("Checkpoint step %d in %s is unreadable (%s); falling back to the "
+                      "previous one.", step, self.dir, _short(e))
+        unreadable.append(step)
         continue
       state = {"step": jnp.asarray(restored["meta"]["step"], jnp.int32),
                "params": restored["params"], "opt_state": restored["opt_state"]}
@@ -244,6 +293,11 @@ class TrainCheckpoints:
 
   def close(self):
     self.manager.close()
+
+
+def _short(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -329,7 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   pretrained = None
   if config.init_from:
     pretrained, pretrained_info = checkpoint.load_params(config.init_from)
-    if (not config.model.tokens_mlp_dim and pretrained_info.get("image_size")
+    # A tokens_mlp_dim naming the checkpoint's own D_S (custom models spell out every
+    # size) still means "the pre-trained model": only K^2 * D_S can load it.
+    if (config.model.tokens_mlp_dim in (0, pretrained_info["model"]["tokens_mlp_dim"])
+        and pretrained_info.get("image_size")
         and pretrained_info["image_size"] != config.image_size):
       # Higher-resolution fine-tuning: K^2 token-mixing copies (resolution.py).
       fields.update(resolution.hires_model_overrides(pretrained, config.image_size))
@@ -396,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer.clu_writer,
                                              every_steps=config.log_every_steps)
-  preemption = PreemptionWatcher()
+  preemption = PreemptionWatcher(mesh)
   logging.info("Training %s (%s params) for %d steps from step %d on %d devices, %d processes.",
                config.model.variant, f"{models.count_params(abstract_params):,}", total_steps,
                start_step, jax.device_count(), pc)
