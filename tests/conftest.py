@@ -30,7 +30,7 @@ TINY_MODEL = dict(patch_size=2, num_blocks=2, hidden_dim=16, tokens_mlp_dim=16,
                   channels_mlp_dim=32)
 
 
-def tiny_config(data_dir, **overrides):
+def tiny_config(data_dir, /, **overrides):
   """configs/default.py shrunk to a few fast steps."""
   from configs import default
   c = default.get_config()
