@@ -85,4 +85,5 @@ def base_config() -> ml_collections.ConfigDict:
   # Few-shot linear probes on pre-logits during training (0 = off).
   c.fewshot_every_steps = 0
   c.fewshot_shots = (1, 5, 10)
+  c.fewshot_train_split = ""    # Pool of the few-shot examples; "" = train_split.
   return c

@@ -160,40 +160,6 @@ def _place(params, mesh, config):
       params, shardings)
 
 
-def fewshot_metrics(feature_model, params, config, source, train_split: str, test_split: str,
-                    num_classes: int, mesh, batch_size: int) -> Dict[str, float]:
-  """fewshot.fewshot_accuracy on pre-logits of train_split vs test_split."""
-  import jax
-  import numpy as np
-  from mixer_jax import fewshot
-  from mixer_jax import sharding
-
-  def features(p, batch):
-    f = feature_model.apply({"params": p}, batch["image"], train=False)
-    return f, batch["label"], batch["mask"]
-  # Replicated outputs: every process sees the whole global batch's features.
-  features = jax.jit(features, out_shardings=sharding.replicated(mesh))
-
-  def extract(split):
-    ds, _ = input_pipeline.eval_dataset(source, config, split,
-                                        batch_size // jax.process_count(), num_classes,
-                                        jax.process_index(), jax.process_count())
-    feats, labels = [], []
-    for batch in ds.as_numpy_iterator():
-      batch = {k: batch[k] for k in ("image", "label", "mask")}
-      f, y, m = jax.device_get(features(params, sharding.global_batch(batch, mesh)))
-      keep = np.asarray(m) > 0  # Padding out.
-      feats.append(np.asarray(f)[keep])
-      labels.append(np.asarray(y)[keep])
-    return np.concatenate(feats), np.concatenate(labels)
-
-  x, y = extract(train_split)
-  x_test, y_test = extract(test_split)
-  accs = fewshot.fewshot_accuracy(x, y, x_test, y_test, num_classes,
-                                  shots=tuple(config.fewshot_shots), seed=config.seed)
-  return {f"fewshot_{n}shot": a for n, a in accs.items()}
-
-
 def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
              image_size: Optional[int] = None, fewshot: bool = False,
              fewshot_train_split: Optional[str] = None) -> Dict[str, Any]:
@@ -264,9 +230,9 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
   if fewshot:
     feature_model = models.create_model(variant, 0, **fields, dtype=config.dtype)
     features_params = {k: v for k, v in params.items() if k != "head"}
-    result.update(fewshot_metrics(feature_model, features_params, config, source,
-                                  fewshot_train_split, split, data.num_classes, mesh,
-                                  eval_batch))
+    result.update(train.fewshot_metrics(feature_model, features_params, config, source,
+                                        fewshot_train_split, split, data.num_classes, mesh,
+                                        eval_batch))
   return result
 
 

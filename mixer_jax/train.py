@@ -152,6 +152,37 @@ class Evaluator:
     return summarize_eval(total)
 
 
+def fewshot_metrics(feature_model, params, config, source, train_split: str, test_split: str,
+                    num_classes: int, mesh, batch_size: int) -> Dict[str, float]:
+  """fewshot.fewshot_accuracy on pre-logits of train_split vs test_split."""
+  from mixer_jax import fewshot
+
+  def features(p, batch):
+    f = feature_model.apply({"params": p}, batch["image"], train=False)
+    return f, batch["label"], batch["mask"]
+  # Replicated outputs: every process sees the whole global batch's features.
+  features = jax.jit(features, out_shardings=sharding.replicated(mesh))
+
+  def extract(split):
+    ds, _ = input_pipeline.eval_dataset(source, config, split,
+                                        batch_size // jax.process_count(), num_classes,
+                                        jax.process_index(), jax.process_count())
+    feats, labels = [], []
+    for batch in ds.as_numpy_iterator():
+      batch = {k: batch[k] for k in ("image", "label", "mask")}
+      f, y, m = jax.device_get(features(params, sharding.global_batch(batch, mesh)))
+      keep = np.asarray(m) > 0  # Padding out.
+      feats.append(np.asarray(f)[keep])
+      labels.append(np.asarray(y)[keep])
+    return np.concatenate(feats), np.concatenate(labels)
+
+  x, y = extract(train_split)
+  x_test, y_test = extract(test_split)
+  accs = fewshot.fewshot_accuracy(x, y, x_test, y_test, num_classes,
+                                  shots=tuple(config.fewshot_shots), seed=config.seed)
+  return {f"fewshot_{n}shot": a for n, a in accs.items()}
+
+
 # ------------------------------------------------------------------ preemption
 class PreemptionWatcher:
   """Agrees on one step after which every process stops, once any process got SIGTERM.
@@ -483,6 +514,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if step % config.eval_every_steps == 0 or is_last:
         eval_metrics = evaluator(state["params"])
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      if config.fewshot_every_steps and (step % config.fewshot_every_steps == 0 or is_last):
+        # Linear probes on frozen pre-logits (paper's few-shot results).
+        shots = fewshot_metrics(
+            build_model(config, 0, fields, train=False),
+            {k: v for k, v in state["params"].items() if k != "head"}, config, source,
+            config.fewshot_train_split or config.train_split, config.eval_split,
+            num_classes, mesh, eval_batch)
+        writer.write_scalars(step, {f"fewshot/{k[len('fewshot_'):]}": v
+                                    for k, v in shots.items()})
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
         _check_metrics(history, config.nonfinite)
         ckpts.save(step, state, train_iter)

@@ -21,7 +21,7 @@ def read_metrics(workdir):
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained"))
-  result = train.train_and_evaluate(tiny_config(data_dir), workdir)
+  result = train.train_and_evaluate(tiny_config(data_dir, fewshot_every_steps=4), workdir)
   return workdir, result
 
 
@@ -36,6 +36,8 @@ def test_training_writes_metrics_events_and_checkpoints(trained):
   assert eval_row["step"] == 4 and eval_row["eval/num_examples"] == 355
   assert {"eval/top5", "eval/loss"} <= set(eval_row)
   assert result["num_examples"] == 355
+  fewshot_row = [r for r in rows if "fewshot/5shot" in r][-1]
+  assert fewshot_row["step"] == 4 and 0.0 <= fewshot_row["fewshot/10shot"] <= 1.0
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert checkpoint.read_model_file(workdir)["num_classes"] == 10
