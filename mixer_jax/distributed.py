@@ -109,7 +109,11 @@ def exit_now(error: BaseException) -> None:
   if not jax.distributed.is_initialized() or jax.process_count() == 1:
     return
   if isinstance(error, SystemExit):
-    code = error.code if isinstance(error.code, int) else 1
+    code = error.code
+    if code is not None and not isinstance(code, int):
+      print(code, file=sys.stderr)
+      code = 1
+    code = code or 0
   elif isinstance(error, ProcessFailure):
     print(f"Error: {error}", file=sys.stderr)
     code = PROCESS_FAILED

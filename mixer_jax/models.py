@@ -34,6 +34,47 @@ PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
 LAYER_NORM_EPSILON = 1e-6
 
 
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def gelu(x):
+  """GELU in its tanh approximation (the released models'), as x * sigmoid(2u).
+
+  0.5 * x * (1 + tanh(u)) equals x * sigmoid(2u) exactly in real arithmetic, with
+  u = sqrt(2/pi) * (x + 0.044715 x^3). Why not `nn.gelu(approximate=True)`: XLA on CPU
+  spreads the logistic form over every core and evaluates it about twice as fast as
+  tanh (BENCHMARKS.md); in float32 the two differ by rounding only (about 1e-6).
+  """
+  u = _SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))
+  return x * jax.nn.sigmoid(2.0 * u)
+
+
+class PatchStem(nn.Conv):
+  """The stem conv (kernel = stride = patch, VALID), computed as one patch matmul.
+
+  Same module type, parameters (`kernel` (P, P, 3, C), `bias`) and initialisers as the
+  `nn.Conv` it replaces, so checkpoints and init are unchanged. Why: XLA on CPU runs
+  this strided conv and its kernel gradient far below matmul speed, while the
+  equivalent (B*N, P*P*3) x (P*P*3, C) product runs near it. Equal to the conv up to
+  float32 summation order.
+  """
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.kernel_size[0]
+    if (tuple(self.kernel_size) != (p, p) or tuple(self.strides or ()) != (p, p)
+        or self.padding != "VALID" or self.feature_group_count != 1):
+      raise ValueError("PatchStem only computes a non-overlapping patch embedding.")
+    b, h, w, c = images.shape
+    kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+    # (B, H, W, c) -> (B, H/p, W/p, p, p, c): each row a patch in the kernel's (p, p, c) order.
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, h // p, w // p, p * p * c)
+    return patches @ kernel.reshape(p * p * c, self.features) + bias
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dense back to the input width (`Dense_0`, `Dense_1`)."""
   mlp_dim: int
@@ -44,7 +85,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x, *, train: bool = False):
     width = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = nn.gelu(y, approximate=True)
+    y = gelu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(y)
     return nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -116,9 +157,9 @@ class MlpMixer(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
     _check_image_shape(images.shape, self.patch_size)
-    x = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding="VALID",
-                dtype=self.dtype, param_dtype=jnp.float32, name="stem")(images)
+    x = PatchStem(self.hidden_dim, (self.patch_size, self.patch_size),
+                  strides=(self.patch_size, self.patch_size), padding="VALID",
+                  dtype=self.dtype, param_dtype=jnp.float32, name="stem")(images)
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Row-major raster order.
     # static_argnums counts `self`: argument 2 is `train`.
     block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
