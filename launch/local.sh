@@ -36,27 +36,8 @@ Example (2 processes x 1 CPU device):
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-qjoin() {
-  local out="" a
-  for a in "$@"; do
-    out+="${out:+ }$(q "$a")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 NUM_PROCESSES=""
 DEVICES_PER_PROCESS=1

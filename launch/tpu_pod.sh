@@ -60,29 +60,8 @@ Example (v4-32 spot pod, Mixer-B/16 ImageNet-1k pretraining):
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell; leave simple words unquoted.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Quote every argument and join them with spaces.
-qjoin() {
-  local out="" a
-  for a in "$@"; do
-    out+="${out:+ }$(q "$a")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Run a command, or only print it with --dry-run.
 run_cmd() {
