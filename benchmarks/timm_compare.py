@@ -101,7 +101,7 @@ def main(argv=None):
     num_params = bench.num_params
   else:
     forward, params, images, compiled = benchmark.forward_bench(ours_args)
-    ours_step = lambda: forward(params, images)
+    ours_step = lambda: compiled(params, images)
     ours_flops = benchmark.compiled_flops(compiled) / args.batch_size
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   timm_side = TimmSide(args.variant, args.batch_size, threads, args.mode)
@@ -125,7 +125,8 @@ def main(argv=None):
       "timm_step_time_s": statistics.median(theirs), "timed_steps_each": len(ours),
       "flops_per_image": ours_flops, "ours_achieved_flops": ours_flops * ours_ips,
       "timm_achieved_flops": ours_flops * timm_ips, "num_params": num_params,
-      "device": benchmark.device_description(), **timm_side.versions, **peak}
+      "device": benchmark.device_description(), **timm_side.versions, **peak,
+      "loadavg_1min": os.getloadavg()[0]}
   if peak:
     result["ours_utilisation_vs_matmul"] = result["ours_achieved_flops"] / peak["peak_matmul_flops"]
   print(f"{args.mode} {args.variant} batch {args.batch_size}, {threads} threads: "

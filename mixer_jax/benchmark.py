@@ -171,20 +171,46 @@ def datasheet_peak(device_kind: str, dtype: str) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------- timing
-def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> List[float]:
+def _cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+class CpuMeter:
+  """CPU seconds this process used per wall second: `busy_cores`.
+
+  Near the core count, the timed code had the machine to itself; well below it, other
+  processes took cores away (or the code did not use them all), and the wall-clock
+  figures understate this code's speed. Reported so a reader can tell which.
+  """
+
+  def __enter__(self):
+    self._cpu, self._wall = _cpu_seconds(), time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.busy_cores = (_cpu_seconds() - self._cpu) / max(time.perf_counter() - self._wall, 1e-9)
+
+
+def time_steps(step: Callable[[], Any], warmup: int, steps: int,
+               meter: Optional[Dict[str, float]] = None) -> List[float]:
   """Seconds of each of `steps` calls after `warmup` untimed ones.
 
   `step` must return something to block on; blocking each step is what makes a step's
-  time its own (JAX dispatches asynchronously).
+  time its own (JAX dispatches asynchronously). `meter`, if given, receives the
+  timed window's `busy_cores` (see CpuMeter).
   """
   import jax
   for _ in range(warmup):
     jax.block_until_ready(step())
   times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(step())
-    times.append(time.perf_counter() - start)
+  with CpuMeter() as cpu:
+    for _ in range(steps):
+      start = time.perf_counter()
+      jax.block_until_ready(step())
+      times.append(time.perf_counter() - start)
+  if meter is not None:
+    meter["busy_cores"] = cpu.busy_cores
   return times
 
 
@@ -292,7 +318,7 @@ def forward_bench(args):
 # ---------------------------------------------------------------------- modes
 def bench_eval(args, result):
   forward, params, images, compiled = forward_bench(args)
-  times = time_steps(lambda: forward(params, images), args.warmup, args.steps)
+  times = time_steps(lambda: compiled(params, images), args.warmup, args.steps, result)
   result.update(summarize_times(times, args.batch_size))
   flops = compiled_flops(compiled)
   result["forward_flops_per_image"] = flops / args.batch_size if flops is not None else None
@@ -302,7 +328,7 @@ def bench_eval(args, result):
 def bench_train(args, result):
   bench = TrainBench(args)
   result["num_params"] = bench.num_params
-  times = time_steps(bench.run, args.warmup, args.steps)
+  times = time_steps(bench.run, args.warmup, args.steps, result)
   result.update(summarize_times(times, args.batch_size))
   result["train_flops_per_image"] = bench.flops_per_image()
   result["flops_per_image"] = result["train_flops_per_image"]
@@ -364,11 +390,13 @@ def bench_input(args, result):
   for _ in range(args.warmup):
     next(iterator)
   times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    batch = next(iterator)
-    np.asarray(batch["image"])
-    times.append(time.perf_counter() - start)
+  with CpuMeter() as cpu:
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      batch = next(iterator)
+      np.asarray(batch["image"])
+      times.append(time.perf_counter() - start)
+  result["busy_cores"] = cpu.busy_cores
   result.update(summarize_times(times, args.batch_size))
   # Throughput over the whole timed window too: prefetching makes single batches bursty.
   result["images_per_s_window"] = args.batch_size * len(times) / sum(times)
@@ -391,16 +419,19 @@ def bench_end_to_end(args, result):
     batch = sharding.global_batch(input_pipeline.to_numpy(next(iterator)), mesh)
     return bench.run(batch)
 
-  def window(step):
+  def window(step, name):
     for _ in range(args.warmup):
       jax.block_until_ready(step())
-    start = time.perf_counter()
-    out = [step() for _ in range(args.steps)]  # No host sync inside, like main's loop.
-    jax.block_until_ready(out)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    with CpuMeter() as cpu:
+      start = time.perf_counter()
+      out = [step() for _ in range(args.steps)]  # No host sync inside, like main's loop.
+      jax.block_until_ready(out)
+      seconds = time.perf_counter() - start
+    result[f"{name}_busy_cores"] = cpu.busy_cores
+    return args.batch_size * args.steps / seconds
 
-  bare = window(bench.run)
-  fed = window(fed_step)
+  bare = window(bench.run, "train")
+  fed = window(fed_step, "end_to_end")
   result["train_images_per_s"] = bare
   result["end_to_end_images_per_s"] = fed
   result["images_per_s"] = fed
@@ -420,10 +451,19 @@ def run(args) -> Dict[str, Any]:
       "mixup_alpha": args.mixup_alpha, "stoch_depth": args.stoch_depth,
       "model_overrides": model_overrides(args), "warmup": args.warmup,
       "device": device_description() if args.mode != "input" else cpu_description()}
-  if args.mode in ("train", "eval", "end_to_end") and args.peak_size:
-    result.update(measure_peak(args.dtype, args.peak_size))
+  with_peak = args.mode in ("train", "eval", "end_to_end") and args.peak_size
+  if with_peak:
+    before = measure_peak(args.dtype, args.peak_size)
   {"train": bench_train, "eval": bench_eval, "input": bench_input,
    "end_to_end": bench_end_to_end}[args.mode](args, result)
+  if with_peak:
+    # Timed before and after the model; the higher is the peak, so that a machine whose
+    # speed drifted during the run cannot flatter the utilisation.
+    after = measure_peak(args.dtype, args.peak_size)
+    result.update(max(before, after, key=lambda r: r["peak_matmul_flops"]))
+    result["peak_matmul_flops_before_after"] = [before["peak_matmul_flops"],
+                                                after["peak_matmul_flops"]]
+  result["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   flops = result.get("flops_per_image")
   if flops is not None and args.mode != "input":
     result["achieved_flops"] = flops * result["images_per_s"]
@@ -458,6 +498,8 @@ def report(result: Dict[str, Any]) -> str:
   add("matmul peak (same run)", "peak_matmul_flops", lambda x: f"{x / 1e9:.1f} GFLOP/s")
   add("utilisation vs matmul", "utilisation_vs_matmul", lambda x: f"{100 * x:.1f}%")
   add("MFU (datasheet)", "mfu", lambda x: f"{100 * x:.1f}%")
+  add("busy cores (timed window)", "busy_cores", lambda x: f"{x:.2f}")
+  add("1-min load average", "loadavg_1min", lambda x: f"{x:.2f}")
   lines.append(json.dumps(result, sort_keys=True))
   return "\n".join(lines)
 

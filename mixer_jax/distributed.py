@@ -25,6 +25,7 @@ service, which would install a competing C++ SIGTERM handler, is switched off he
 
 import os
 import sys
+import threading
 import traceback
 
 import jax
@@ -73,10 +74,28 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
   # its own C++ handler, and its sync point (the largest step any process reported,
   # plus one) is never reached by a resumed run notified before its first step.
   jax.config.update("jax_enable_preemption_service", False)
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=init_timeout_s,
-                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+  # JAX aborts the process (C++ fatal error, a page of stack) when peers do not join in
+  # time; a watchdog that fires first turns that into one sentence and exit code 2.
+  watchdog = threading.Timer(init_timeout_s, _never_joined,
+                             (coordinator_address, num_processes, init_timeout_s))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=init_timeout_s + 30,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+  finally:
+    watchdog.cancel()
+
+
+def _never_joined(address, num_processes, timeout_s):
+  where = f"the coordinator at {address}" if address else "the coordinator"
+  count = f"all {num_processes} processes" if num_processes else "all processes"
+  print(f"Error: Not {count} joined {where} within {timeout_s} s; start the same command "
+        "on every host (each with its own --process_id), or raise --init_timeout_s.",
+        file=sys.stderr, flush=True)
+  os._exit(2)
 
 
 def is_runtime_failure(error: BaseException) -> bool:

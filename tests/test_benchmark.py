@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from mixer_jax import benchmark
+from mixer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--variant=S/8", "--image_size=32", "--num_blocks=1", "--hidden_dim=16",
@@ -136,3 +137,46 @@ def test_input_pipeline_source_makes_decodable_jpegs():
   assert tuple(image.shape) == (30, 40, 3) and 0 <= int(example["label"]) < 3
   # Not a flat image: a decoder has real work to do.
   assert float(tf.math.reduce_std(tf.cast(image, tf.float32))) > 5
+
+
+# ------------------------------------------- the speed rewrites keep the numerics
+def test_gelu_rewrite_matches_tanh_gelu_and_its_gradient():
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 4001),
+                       jax.random.normal(jax.random.key(0), (10_000,)) * 3])
+  ref = nn.gelu(x, approximate=True)
+  assert bool(jnp.all(jnp.isfinite(models.gelu(x))))
+  assert float(jnp.max(jnp.abs(models.gelu(x) - ref))) < 1e-5
+  grad = jax.vmap(jax.grad(models.gelu))(x)
+  grad_ref = jax.vmap(jax.grad(lambda v: nn.gelu(v, approximate=True)))(x)
+  assert float(jnp.max(jnp.abs(grad - grad_ref))) < 1e-5
+
+
+def test_patch_stem_matches_the_conv_it_replaces():
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  images = jax.random.uniform(jax.random.key(1), (2, 32, 48, 3), minval=-1, maxval=1)
+  kwargs = dict(features=8, kernel_size=(16, 16), strides=(16, 16), padding="VALID")
+  stem, conv = models.PatchStem(**kwargs), nn.Conv(**kwargs)
+  params = conv.init(jax.random.key(2), images)
+  # Same parameter tree and the same initial values from the same key.
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
+      stem.init(jax.random.key(2), images), params))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # Non-zero bias too.
+  out, ref = stem.apply(params, images), conv.apply(params, images)
+  assert out.shape == ref.shape == (2, 2, 3, 8)
+  assert float(jnp.max(jnp.abs(out - ref))) < 1e-5
+  bf16 = models.PatchStem(**kwargs, dtype=jnp.bfloat16).apply(params, images)
+  assert bf16.dtype == jnp.bfloat16
+
+
+def test_patch_stem_refuses_overlapping_patches():
+  import jax
+  import jax.numpy as jnp
+  stem = models.PatchStem(features=4, kernel_size=(4, 4), strides=(2, 2), padding="VALID")
+  with pytest.raises(ValueError, match="non-overlapping"):
+    stem.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

@@ -304,5 +304,5 @@ def test_cli_peer_that_never_starts(data_dir, tmp_path):
       f"--workdir={tmp_path}/w", f"--coordinator_address=localhost:{_free_port()}",
       "--num_processes=2", "--process_id=0", "--init_timeout_s=5"], timeout=120)
   assert out.returncode == errors.USER_ERROR
-  assert_one_sentence(out.stderr, "did not join")
+  assert_one_sentence(out.stderr, "Not all 2 processes joined the coordinator")
   assert not os.path.exists(tmp_path / "w" / "checkpoints")

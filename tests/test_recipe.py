@@ -209,20 +209,29 @@ def _tx(config, total_steps=10):
                               grad_clip_norm=config.grad_clip_norm)
 
 
+def _compile(fn, *example_args):
+  """jax.jit(fn) compiled for these argument shapes with XLA's CPU backend optimisations
+  off: the same computation, in half the compile time (which dominates these tests)."""
+  return jax.jit(fn).lower(*example_args).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+
+
 _COMPILED = {}
 
 
 def _step(config, state=None, batch=None, step=0):
-  """One jitted train step; compiled once per config (compiling dominates the time)."""
+  """One train step; compiled once per config."""
   key = config.to_json()
   if key not in _COMPILED:
     model = train.build_model(config, NUM_CLASSES, train.model_fields(config, NUM_CLASSES))
     tx = _tx(config)
-    _COMPILED[key] = (model, tx, jax.jit(train.make_train_step(model, tx, config, NUM_CLASSES)))
-  model, tx, step_fn = _COMPILED[key]
+    step_fn = train.make_train_step(model, tx, config, NUM_CLASSES)
+    _COMPILED[key] = (model, tx, step_fn,
+                      _compile(step_fn, _state(model, tx), _batch()))
+  model, tx, _, compiled = _COMPILED[key]
   state = state or _state(model, tx)
   state = dict(state, step=jnp.asarray(step, jnp.int32))
-  return step_fn(state, batch or _batch())
+  return compiled(state, batch or _batch())
 
 
 # -------------------------------------------------------- gradient accumulation
@@ -304,7 +313,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_state_and_metrics():
   assert all(o.dtype == jnp.bfloat16 for o in outputs)
   # And in the train step itself (forward and backward, inside the accumulation scan):
   # every matrix multiply takes bf16 operands.
-  model, tx, step_fn = _COMPILED[config.to_json()]
+  model, tx, step_fn, _ = _COMPILED[config.to_json()]
   jaxpr = jax.make_jaxpr(step_fn)(_state(model, tx), _batch())
   dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")]
   # 6 layers (stem, 4 Dense, head): 6 forward, 6 kernel gradients, 5 input gradients
@@ -329,26 +338,30 @@ def test_config_wires_stochastic_depth_and_dropout_into_the_model():
 
   params = _state(model, _tx(config))["params"]
   images, labels = _batch()["image"], jax.nn.one_hot(_batch()["label"], NUM_CLASSES)
-  apply = jax.jit(model.apply, static_argnames="train")
-  loss = lambda train_, key: float(train.loss_fn(apply(
-      {"params": params}, images, train=train_, rngs={"dropout": key}), labels, "softmax"))
-  with_rng = [loss(True, jax.random.key(i)) for i in range(3)]
-  assert len(set(with_rng)) == 3  # Train mode: every dropout rng gives another loss.
-  assert loss(False, jax.random.key(0)) == loss(False, jax.random.key(1))
-  # Stochastic depth alone (no dropout) also makes the loss depend on the rng.
-  config_sd = _config(**{"model.stoch_depth": 0.5, "model.num_blocks": 2})
-  sd_model = train.build_model(config_sd, NUM_CLASSES, fields)
-  sd_apply = jax.jit(lambda key: sd_model.apply({"params": params}, images, train=True,
-                                                 rngs={"dropout": key}))
-  sd = [float(sd_apply(jax.random.key(i)).sum()) for i in range(3)]
-  assert len(set(sd)) == 3
+  # Stochastic depth alone (no dropout) must make the loss depend on the rng too.
+  sd_model = train.build_model(_config(**{"model.stoch_depth": 0.5, "model.num_blocks": 2}),
+                               NUM_CLASSES, fields)
+
+  def losses(key):
+    loss = lambda m, train_: train.loss_fn(m.apply({"params": params}, images, train=train_,
+                                                   rngs={"dropout": key}), labels, "softmax")
+    return loss(model, True), loss(model, False), loss(sd_model, True)
+
+  losses = _compile(losses, jax.random.key(0))
+  train_mode, eval_mode, sd_only = zip(*[map(float, losses(jax.random.key(i)))
+                                         for i in range(3)])
+  assert len(set(train_mode)) == 3  # Train mode: every dropout rng gives another loss.
+  assert len(set(sd_only)) == 3
+  assert len(set(eval_mode)) == 1  # Eval mode: deterministic.
 
 
 def test_train_step_draws_a_new_dropout_rng_every_step():
-  regularised = _config(**REGULARISED)
-  losses = [float(_step(regularised, step=s)[1]["loss"]) for s in (0, 1, 7)]
+  """Same state and batch, another step number: dropout (the only random part here)
+  gives another loss; without it the loss is the same."""
+  with_dropout = _config(grad_accum_steps=1, **ADAM, **{"model.dropout": 0.1})
+  losses = [float(_step(with_dropout, step=s)[1]["loss"]) for s in (0, 1, 7)]
   assert len(set(losses)) == 3
-  plain = _config(grad_accum_steps=1, **ADAM)  # No random regulariser: the same loss.
+  plain = _config(grad_accum_steps=1, **ADAM)
   losses = [float(_step(plain, step=s)[1]["loss"]) for s in (0, 1, 7)]
   assert len(set(losses)) == 1
 
@@ -373,9 +386,9 @@ def test_mixer_block_drops_each_residual_branch_at_its_rate(branch):
   params = block.init(jax.random.key(1), x[:1])["params"]
   other = "channel_mixing" if branch == "token_mixing" else "token_mixing"
   params[other]["Dense_1"] = jax.tree_util.tree_map(jnp.zeros_like, params[other]["Dense_1"])
-  apply = jax.jit(block.apply, static_argnums=2)
-  full = np.asarray(apply({"params": params}, x, False) - x)
-  got = np.asarray(apply({"params": params}, x, True, rngs={"dropout": jax.random.key(2)}) - x)
+  both = lambda key: (block.apply({"params": params}, x, False) - x,
+                      block.apply({"params": params}, x, True, rngs={"dropout": key}) - x)
+  full, got = map(np.asarray, _compile(both, jax.random.key(2))(jax.random.key(2)))
   assert np.abs(full).max(axis=(1, 2)).min() > 1e-3  # The branch is never 0 itself.
   dropped = np.all(np.abs(got) < 1e-6, axis=(1, 2))
   assert abs(dropped.mean() - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
