@@ -28,3 +28,55 @@ def run_guarded(fn, show_traceback: bool = False):
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"Error: {message} (run with --traceback for details)", file=sys.stderr)
     sys.exit(USER_ERROR)
+
+
+
+def parse_flags(argv):
+  """absl flag parsing with one sentence and exit 2 for every bad flag: unknown config
+  keys, values of the wrong type, a config file's own ValueError (e.g. an unknown
+  variant in `--config=configs/x.py:Q/3`). `--traceback` shows the full trace."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # ml_collections raises KeyError/AttributeError/ValueError here.
+    if "--traceback" in argv:
+      raise
+    print(f"Error: {_flag_error_sentence(e, argv)}", file=sys.stderr)
+    sys.exit(USER_ERROR)
+
+
+def _flag_error_sentence(error: BaseException, argv) -> str:
+  chain, e = [], error
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e) for e in chain)
+  import re
+  for e in chain:
+    if isinstance(e, (KeyError, AttributeError)):
+      keys = re.findall(r"'([A-Za-z_][A-Za-z0-9_.]*)'", str(e))
+      hint = re.search(r'Did you mean "([^"]+)"', text)
+      if keys:
+        return (f"Unknown config key {keys[0]!r}" +
+                (f" (did you mean {hint.group(1)!r}?)" if hint else "") +
+                "; every key is listed in configs/common.py.")
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      name, value = arg[len("--"):].split("=", 1)
+      if value and repr(value) in text or f"'{value}'" in text:
+        return (f"--{name}={value} has the wrong type ({str(chain[-1]).splitlines()[0]}); "
+                "use a value of that key's type (see configs/common.py).")
+  deepest = [e for e in chain if isinstance(e, ValueError)] or chain
+  return (str(deepest[-1]).strip().splitlines() or [type(deepest[-1]).__name__])[0]
+
+
+def require_config(config, flag_value: str = ""):
+  """ml_collections loads a config file lazily; a missing or broken file is one sentence."""
+  try:
+    config.keys()
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"Error: Config file {flag_value or ''} cannot be loaded ({lines[-1] if lines else e}); "
+          "pass --config=PATH[:ARG] with an existing file such as configs/default.py.",
+          file=sys.stderr)
+    sys.exit(USER_ERROR)

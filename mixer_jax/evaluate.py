@@ -274,6 +274,7 @@ def _run():
   from ml_collections import config_flags
   if FLAGS.config is None:
     raise EvaluateError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
+  errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
   if not FLAGS.checkpoint:
     raise EvaluateError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
   from mixer_jax import distributed
@@ -305,4 +306,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

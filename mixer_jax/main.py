@@ -60,6 +60,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None or not FLAGS.workdir:
     raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --workdir=DIR.")
+  errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
   try:
     errors.run_guarded(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.traceback)
   except BaseException as e:
@@ -90,4 +91,4 @@ def _run(config, workdir):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

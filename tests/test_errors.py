@@ -306,3 +306,23 @@ def test_cli_peer_that_never_starts(data_dir, tmp_path):
   assert out.returncode == errors.USER_ERROR
   assert_one_sentence(out.stderr, "Not all 2 processes joined the coordinator")
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config=configs/nope.py"], "Config file configs/nope.py cannot be loaded"),
+    (["--config=configs/imagenet1k_pretrain.py:S/7"], "Unknown variant 'S/7'"),
+    (["--config=configs/default.py", "--config.model.hiden_dim=3"],
+     "Unknown config key 'hiden_dim'"),
+    (["--config=configs/default.py", "--config.num_train_steps=many"],
+     "--config.num_train_steps=many has the wrong type"),
+    (["--config=configs/default.py", "--no_such_flag=1"], "Unknown command line flag"),
+], ids=["missing_config_file", "bad_config_argument", "unknown_nested_key", "wrong_type",
+        "unknown_flag"])
+def test_cli_flag_errors_are_one_sentence(tmp_path, args, fragment):
+  import sys
+  from conftest import REPO
+  out = subprocess.run([sys.executable, "-m", "mixer_jax.main", f"--workdir={tmp_path}/w"] + args,
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == errors.USER_ERROR, out.stderr[-2000:]
+  assert_one_sentence(out.stderr, fragment)
+  assert not os.path.exists(tmp_path / "w")
