@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import types
 from typing import Any, Callable, Dict, List, Optional
@@ -90,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="Distinct generated JPEGs the input modes cycle through.")
   p.add_argument("--with_train_step", action="store_true",
                  help="With --mode=input: the same as --mode=end_to_end.")
+  p.add_argument("--traceback", action="store_true", help="Full tracebacks for user errors.")
   return p
 
 

@@ -64,7 +64,7 @@ def make_train_step(model, tx, config, num_classes: int):
     (loss, accuracy), grads = optim.accumulate_gradients(
         grad_fn, state["params"], {"image": images, "label": labels},
         config.grad_accum_steps, drop_rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
