@@ -37,8 +37,8 @@ def get_config():
   c.warmup_steps = 100
   c.lr_decay = "cosine"
   c.batch_size = 128
-  c.num_train_steps = 1_500
+  c.num_train_steps = 600
   c.log_every_steps = 100
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
   return c

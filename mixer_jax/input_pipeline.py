@@ -248,7 +248,12 @@ def preprocess_eval(example, config, num_classes):
 def _options():
   options = tf.data.Options()
   options.deterministic = True
-  options.threading.private_threadpool_size = max(os.cpu_count() or 1, 1)
+  cores = max(os.cpu_count() or 1, 1)
+  options.threading.private_threadpool_size = cores
+  # No autotuning: destroying an autotuned iterator waits for its model thread, which
+  # sleeps up to a minute (seen as a ~56 s hang at the end of training). Parallel maps
+  # then use every core, which is what autotuning settles on for these pipelines.
+  options.autotune.enabled = False
   return options
 
 
@@ -266,7 +271,8 @@ def train_dataset(source, config, local_batch_size: int, num_classes: int,
     seed = tf.random.experimental.stateless_fold_in(base_seed, index)
     return preprocess_train(example, seed, config, num_classes)
 
-  ds = ds.enumerate().map(with_seed, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.enumerate().map(with_seed, num_parallel_calls=os.cpu_count() or 1,
+                          deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.prefetch(2).with_options(_options())
 
@@ -280,7 +286,7 @@ def eval_dataset(source, config, split: str, local_batch_size: int, num_classes:
   local = sizes[process_index]
   ds = source.read(split, process_index, process_count)
   ds = ds.map(lambda ex: preprocess_eval(ex, config, num_classes),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              num_parallel_calls=os.cpu_count() or 1, deterministic=True)
   pad = num_batches * local_batch_size - local
   if pad:
     zero = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)

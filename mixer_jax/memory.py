@@ -86,7 +86,7 @@ def ensure_devices(num_devices: int, argv) -> None:
 # ------------------------------------------------------------------- the model
 def build(config, num_classes: int):
   """(model, optimiser) as train.py builds them, without importing train (TensorFlow)."""
-  from mixer_jax import models, optim
+  from mixer_jax import models, steps
   spec = models.parse_variant(config.model.variant)
   fields = {k: (config.model[k] or getattr(spec, k)) for k in MODEL_FIELDS}
   model = models.create_model(
@@ -95,13 +95,7 @@ def build(config, num_classes: int):
       head_bias_init=config.head_bias_init, remat=config.model.remat)
   # The schedule's length only changes constants inside the step, not its memory.
   total_steps = max(int(config.num_train_steps), int(config.warmup_steps) + 1)
-  schedule = optim.learning_rate_schedule(config.learning_rate, total_steps,
-                                          config.warmup_steps, config.lr_decay,
-                                          config.end_learning_rate)
-  tx = optim.make_optimizer(name=config.optimizer, schedule=schedule, b1=config.b1,
-                            b2=config.b2, eps=config.eps, momentum=config.momentum,
-                            weight_decay=config.weight_decay,
-                            grad_clip_norm=config.grad_clip_norm)
+  _, tx = steps.optimizer_from_config(config, total_steps)
   return model, tx
 
 

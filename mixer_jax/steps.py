@@ -106,3 +106,15 @@ def make_eval_step(model, config, num_classes: int):
       sums["real_num_examples"] = jnp.sum(has_real)
     return sums
   return step_fn
+
+
+def optimizer_from_config(config, total_steps: int):
+  """(learning-rate schedule, optax chain) from the config's optimiser keys."""
+  schedule = optim.learning_rate_schedule(config.learning_rate, total_steps,
+                                          config.warmup_steps, config.lr_decay,
+                                          config.end_learning_rate)
+  tx = optim.make_optimizer(name=config.optimizer, schedule=schedule, b1=config.b1,
+                            b2=config.b2, eps=config.eps, momentum=config.momentum,
+                            weight_decay=config.weight_decay,
+                            grad_clip_norm=config.grad_clip_norm)
+  return schedule, tx

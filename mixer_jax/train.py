@@ -115,6 +115,7 @@ def build_model(config, num_classes: int, fields: Dict[str, Any], *, train: bool
 # ------------------------------------------------------------------ steps
 # The step functions live in steps.py (no TensorFlow there, so benchmark.py can
 # build the same train step on machines without it); re-exported here.
+from mixer_jax import steps  # noqa: E402
 from mixer_jax.steps import loss_fn, make_eval_step, make_train_step, mixup  # noqa: E402,F401
 
 
@@ -422,13 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       fields.update(resolution.hires_model_overrides(pretrained, config.image_size))
   model = build_model(config, num_classes, fields)
   abstract_params = models.param_shapes(model, config.image_size)  # Shape errors here.
-  schedule = optim.learning_rate_schedule(config.learning_rate, total_steps,
-                                          config.warmup_steps, config.lr_decay,
-                                          config.end_learning_rate)
-  tx = optim.make_optimizer(name=config.optimizer, schedule=schedule, b1=config.b1,
-                            b2=config.b2, eps=config.eps, momentum=config.momentum,
-                            weight_decay=config.weight_decay,
-                            grad_clip_norm=config.grad_clip_norm)
+  schedule, tx = steps.optimizer_from_config(config, total_steps)
   record = dict(model=fields, num_classes=num_classes, image_size=config.image_size,
                 class_names=info.class_names, dataset=info.name, process_count=pc,
                 variant=config.model.variant)
