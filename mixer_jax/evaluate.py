@@ -57,21 +57,15 @@ dataset, wrong image size) are one sentence on stderr and exit code 2.
 import json
 import math
 import os
-import sys
 from typing import Any, Dict, Optional
 
 from absl import app
 from absl import flags
 from absl import logging
 
-# Configs import `configs.common`: make the repository root importable from anywhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from mixer_jax import checkpoint  # noqa: E402
-from mixer_jax import errors  # noqa: E402
-from mixer_jax import input_pipeline  # noqa: E402
+from mixer_jax import checkpoint
+from mixer_jax import errors
+from mixer_jax import input_pipeline
 
 SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
 # The split that holds the labelled evaluation images of datasets with a fixed one.

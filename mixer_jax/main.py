@@ -13,20 +13,12 @@ within --heartbeat_timeout_s plus a few seconds. Either way, the same command ag
 resumes from the last checkpoint.
 """
 
-import os
-import sys
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-# Configs import `configs.common`: make the repository root importable from anywhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mixer_jax import errors  # noqa: E402
+from mixer_jax import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",

@@ -37,11 +37,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-# Configs import `configs.common`: make the repository root importable from anywhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
                                 lock_config=True)

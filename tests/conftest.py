@@ -44,13 +44,18 @@ def tiny_config(data_dir, /, **overrides):
   c.eval_every_steps = 4
   c.checkpoint_every_steps = 2
   c.log_image_grid = False
+  return set_overrides(c, overrides)
+
+
+def set_overrides(config, overrides):
+  """Sets dotted keys ("model.hidden_dim") like --config.KEY=VALUE does; returns config."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
 
 
 def config_flags(data_dir, **overrides):

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 import pytest
 
-from conftest import run_main
+from conftest import run_main, set_overrides
 from configs import common
 from configs import imagenet
 from configs import imagenet1k_pretrain
@@ -166,13 +166,7 @@ def _config(**overrides):
     c.model[k] = v
   c.image_size = 16
   c.dtype = "float32"
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_overrides(c, overrides)
 
 
 def _batch(n=16, seed=0):
