@@ -7,7 +7,11 @@ Both sides do the same work on the same machine with the same thread count: trai
 forward, backward, clip by global norm 1, AdamW (weight decay 0.1), one step of a
 batch of random images with random labels; eval = the forward pass of a batch. The
 two are measured in alternating rounds (ours, timm, ours, timm, ...) so that a slow
-patch of the machine hits both; each figure is the median over all timed steps.
+patch of the machine hits both; each figure is the median over all timed steps. Each
+side runs in its own worker process, as each would in real use: a shared process
+would share one malloc heap, threads and caches between the two runtimes. Ours runs
+as mixer_jax configures itself (host_memory.py's malloc settings); timm runs with
+PyTorch's defaults, or with the same malloc settings under --timm_keep_host_memory.
 
 Needs torch and timm, which are NOT project requirements (CI does not have them):
   pip install torch==2.13.0 && pip install timm --no-deps
@@ -19,7 +23,9 @@ The last stdout line is one JSON object.
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -27,8 +33,8 @@ import time
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
-
-from mixer_jax import benchmark  # noqa: E402
+# No mixer_jax import at module level: the timm worker process imports this module too,
+# and importing mixer_jax changes the process's malloc settings (host_memory.py).
 
 # Our variant name -> timm's model name (224px, 1000 classes).
 TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224",
@@ -45,6 +51,9 @@ def parse(argv):
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=0, help="0 = every usable core.")
   p.add_argument("--peak_size", type=int, default=2048)
+  p.add_argument("--timm_keep_host_memory", action="store_true",
+                 help="Give timm's process the malloc settings ours uses (host_memory.py) "
+                      "instead of PyTorch's default.")
   return p.parse_args(argv)
 
 
@@ -89,47 +98,112 @@ def timed(fn, steps, block=lambda x: x):
   return times
 
 
+def _page_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class OursSide:
+  """Our train step (or forward) exactly as `python -m mixer_jax.benchmark` builds it."""
+
+  def __init__(self, args):
+    from mixer_jax import benchmark, host_memory  # First: it sets malloc up before JAX starts.
+    import jax
+    ours_args = benchmark.parse_args([f"--variant={args.variant}",
+                                      f"--batch_size={args.batch_size}", f"--mode={args.mode}"])
+    if args.mode == "train":
+      bench = benchmark.TrainBench(ours_args)
+      self.step, self.flops = bench.run, bench.flops_per_image()
+      self.num_params = bench.num_params
+    else:
+      _, params, images, compiled = benchmark.forward_bench(ours_args)
+      self.step = lambda: compiled(params, images)
+      self.flops = benchmark.compiled_flops(compiled) / args.batch_size
+      self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    self.block = jax.block_until_ready
+    self.info = {"num_params": self.num_params, "flops_per_image": self.flops,
+                 "keep_host_memory": host_memory.applied(),
+                 "device": benchmark.device_description()}
+    if args.peak_size:
+      self.info.update(benchmark.measure_peak("float32", args.peak_size))
+
+
+def _worker(side: str, args, conn):
+  """One side in its own process: its own allocator settings, threads and caches."""
+  if side == "timm":
+    if args.timm_keep_host_memory:
+      from mixer_jax import host_memory  # noqa: F401  (importing mixer_jax applies it)
+    runner = TimmSide(args.variant, args.batch_size, args.threads, args.mode)
+    runner.block = lambda x: x
+    runner.info = {"num_params": runner.num_params, **runner.versions,
+                   "keep_host_memory": bool(args.timm_keep_host_memory)}
+  else:
+    runner = OursSide(args)
+  timed(runner.step, args.warmup, runner.block)
+  conn.send(runner.info)
+  while True:
+    steps = conn.recv()
+    if steps is None:
+      return
+    faults = _page_faults()
+    times = timed(runner.step, steps, runner.block)
+    conn.send((times, (_page_faults() - faults) / steps))
+
+
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
-  threads = args.threads or benchmark.cpu_description()["cores"]
-  import jax
-  ours_args = benchmark.parse_args([f"--variant={args.variant}",
-                                    f"--batch_size={args.batch_size}", f"--mode={args.mode}"])
-  if args.mode == "train":
-    bench = benchmark.TrainBench(ours_args)
-    ours_step, ours_flops = bench.run, bench.flops_per_image()
-    num_params = bench.num_params
-  else:
-    forward, params, images, compiled = benchmark.forward_bench(ours_args)
-    ours_step = lambda: compiled(params, images)
-    ours_flops = benchmark.compiled_flops(compiled) / args.batch_size
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  timm_side = TimmSide(args.variant, args.batch_size, threads, args.mode)
-  if timm_side.num_params != num_params:
-    print(f"note: parameter counts differ: ours {num_params:,}, timm {timm_side.num_params:,}")
-
-  peak = benchmark.measure_peak("float32", args.peak_size) if args.peak_size else {}
-  timed(ours_step, args.warmup, jax.block_until_ready)
-  timed(timm_side.step, args.warmup)
-  ours, theirs = [], []
-  for _ in range(args.rounds):
-    ours += timed(ours_step, args.steps, jax.block_until_ready)
-    theirs += timed(timm_side.step, args.steps)
-  ours_ips = args.batch_size / statistics.median(ours)
-  timm_ips = args.batch_size / statistics.median(theirs)
+  args.threads = args.threads or len(os.sched_getaffinity(0))
+  ctx = multiprocessing.get_context("spawn")
+  sides, info = {}, {}
+  try:
+    for side in ("ours", "timm"):  # One at a time: the peak matmul is timed undisturbed.
+      parent, child = ctx.Pipe()
+      proc = ctx.Process(target=_worker, args=(side, args, child), daemon=True)
+      proc.start()
+      sides[side] = (proc, parent)
+      info[side] = parent.recv()  # Built and warmed up.
+    times = {"ours": [], "timm": []}
+    faults = {"ours": [], "timm": []}
+    for _ in range(args.rounds):
+      for side, (_, conn) in sides.items():  # Alternating: a slow patch hits both.
+        conn.send(args.steps)
+        round_times, round_faults = conn.recv()
+        times[side] += round_times
+        faults[side].append(round_faults)
+  finally:
+    for proc, conn in sides.values():
+      try:
+        conn.send(None)
+      except (BrokenPipeError, OSError):
+        pass
+      proc.join(timeout=60)
+  ours, timm_info = info["ours"], info["timm"]
+  if timm_info["num_params"] != ours["num_params"]:
+    print(f"note: parameter counts differ: ours {ours['num_params']:,}, "
+          f"timm {timm_info['num_params']:,}")
+  ours_ips = args.batch_size / statistics.median(times["ours"])
+  timm_ips = args.batch_size / statistics.median(times["timm"])
+  flops = ours["flops_per_image"]
   result = {
       "mode": args.mode, "variant": args.variant, "timm_model": TIMM_NAMES[args.variant],
-      "batch_size": args.batch_size, "dtype": "float32", "threads": threads,
+      "batch_size": args.batch_size, "dtype": "float32", "threads": args.threads,
       "ours_images_per_s": ours_ips, "timm_images_per_s": timm_ips,
-      "ratio": ours_ips / timm_ips, "ours_step_time_s": statistics.median(ours),
-      "timm_step_time_s": statistics.median(theirs), "timed_steps_each": len(ours),
-      "flops_per_image": ours_flops, "ours_achieved_flops": ours_flops * ours_ips,
-      "timm_achieved_flops": ours_flops * timm_ips, "num_params": num_params,
-      "device": benchmark.device_description(), **timm_side.versions, **peak,
+      "ratio": ours_ips / timm_ips, "ours_step_time_s": statistics.median(times["ours"]),
+      "timm_step_time_s": statistics.median(times["timm"]),
+      "timed_steps_each": len(times["ours"]),
+      "ours_page_faults_per_step": statistics.median(faults["ours"]),
+      "timm_page_faults_per_step": statistics.median(faults["timm"]),
+      "ours_keep_host_memory": ours["keep_host_memory"],
+      "timm_keep_host_memory": timm_info["keep_host_memory"],
+      "flops_per_image": flops, "ours_achieved_flops": flops * ours_ips,
+      "timm_achieved_flops": flops * timm_ips, "num_params": ours["num_params"],
+      "device": ours["device"], "torch": timm_info["torch"], "timm": timm_info["timm"],
       "loadavg_1min": os.getloadavg()[0]}
-  if peak:
-    result["ours_utilisation_vs_matmul"] = result["ours_achieved_flops"] / peak["peak_matmul_flops"]
-  print(f"{args.mode} {args.variant} batch {args.batch_size}, {threads} threads: "
+  for key in ("peak_matmul_size", "peak_matmul_s", "peak_matmul_flops"):
+    if key in ours:
+      result[key] = ours[key]
+  if "peak_matmul_flops" in ours:
+    result["ours_utilisation_vs_matmul"] = result["ours_achieved_flops"] / ours["peak_matmul_flops"]
+  print(f"{args.mode} {args.variant} batch {args.batch_size}, {args.threads} threads: "
         f"ours {ours_ips:.2f} img/s, timm {timm_ips:.2f} img/s, ratio {ours_ips / timm_ips:.2f}x")
   print(json.dumps(result, sort_keys=True))
 

@@ -160,6 +160,8 @@ def device_description() -> Dict[str, Any]:
          "device_count": jax.device_count(), "jax": jax.__version__}
   out.update(cpu_description())
   out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  from mixer_jax import host_memory
+  out["keep_host_memory"] = host_memory.applied()
   return out
 
 
@@ -176,20 +178,32 @@ def _cpu_seconds() -> float:
   return t.user + t.system
 
 
+def _page_faults() -> int:
+  try:
+    import resource
+  except ImportError:  # Not a Unix.
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class CpuMeter:
   """CPU seconds this process used per wall second: `busy_cores`.
 
   Near the core count, the timed code had the machine to itself; well below it, other
   processes took cores away (or the code did not use them all), and the wall-clock
   figures understate this code's speed. Reported so a reader can tell which.
+  Also counts the minor page faults in the window (`page_faults`): thousands per step
+  mean memory is being mapped afresh every step (see host_memory.py).
   """
 
   def __enter__(self):
     self._cpu, self._wall = _cpu_seconds(), time.perf_counter()
+    self._faults = _page_faults()
     return self
 
   def __exit__(self, *exc):
     self.busy_cores = (_cpu_seconds() - self._cpu) / max(time.perf_counter() - self._wall, 1e-9)
+    self.page_faults = _page_faults() - self._faults
 
 
 def time_steps(step: Callable[[], Any], warmup: int, steps: int,
@@ -211,6 +225,7 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int,
       times.append(time.perf_counter() - start)
   if meter is not None:
     meter["busy_cores"] = cpu.busy_cores
+    meter["page_faults_per_step"] = cpu.page_faults / steps
   return times
 
 
@@ -428,8 +443,13 @@ def bench_end_to_end(args, result):
       jax.block_until_ready(out)
       seconds = time.perf_counter() - start
     result[f"{name}_busy_cores"] = cpu.busy_cores
+    result[f"{name}_page_faults_per_step"] = cpu.page_faults / args.steps
     return args.batch_size * args.steps / seconds
 
+  # The fed steps' warm-up comes first: it fills the input pipeline and lets the malloc
+  # heap, shared with tf.data's threads, settle before either window is timed.
+  for _ in range(args.warmup):
+    jax.block_until_ready(fed_step())
   bare = window(bench.run, "train")
   fed = window(fed_step, "end_to_end")
   result["train_images_per_s"] = bare
@@ -464,6 +484,11 @@ def run(args) -> Dict[str, Any]:
     result["peak_matmul_flops_before_after"] = [before["peak_matmul_flops"],
                                                 after["peak_matmul_flops"]]
   result["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  try:
+    import resource  # Peak resident host memory of this process (Linux: KiB).
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  except ImportError:
+    pass
   flops = result.get("flops_per_image")
   if flops is not None and args.mode != "input":
     result["achieved_flops"] = flops * result["images_per_s"]
@@ -499,6 +524,8 @@ def report(result: Dict[str, Any]) -> str:
   add("utilisation vs matmul", "utilisation_vs_matmul", lambda x: f"{100 * x:.1f}%")
   add("MFU (datasheet)", "mfu", lambda x: f"{100 * x:.1f}%")
   add("busy cores (timed window)", "busy_cores", lambda x: f"{x:.2f}")
+  add("page faults per step", "page_faults_per_step", lambda x: f"{x:,.0f}")
+  add("peak host memory (RSS)", "max_rss_mb", lambda x: f"{x:,.0f} MB")
   add("1-min load average", "loadavg_1min", lambda x: f"{x:.2f}")
   lines.append(json.dumps(result, sort_keys=True))
   return "\n".join(lines)

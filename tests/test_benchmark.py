@@ -91,6 +91,7 @@ def test_train_mode_json_without_tensorflow():
   assert r["achieved_flops"] == pytest.approx(r["train_flops_per_image"] * r["images_per_s"])
   assert r["utilisation_vs_matmul"] == pytest.approx(r["achieved_flops"] / r["peak_matmul_flops"])
   assert r["device"]["platform"] == "cpu" and r["device"]["cores"] >= 1
+  assert r["page_faults_per_step"] >= 0 and isinstance(r["device"]["keep_host_memory"], bool)
   assert r["mfu"] is None and r["datasheet_peak_flops"] is None  # No datasheet for CPUs.
   assert r["model_overrides"] == {"num_blocks": 1, "hidden_dim": 16, "tokens_mlp_dim": 8,
                                   "channels_mlp_dim": 16}

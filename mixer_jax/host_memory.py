@@ -1,0 +1,62 @@
+"""Keeps freed host memory for reuse, so that XLA on CPU does not page-fault every step.
+
+Why: XLA's CPU runtime allocates each execution's temporary buffer afresh (918 MB for
+the Mixer-S/32 train step at batch 32) with posix_memalign from its worker threads.
+glibc serves a block that large with mmap and hands it back with munmap when the step
+ends, so the next step maps it again and the kernel zero-fills every 4 KiB page on
+first touch: 240,000 page faults and 0.45 CPU-seconds of kernel time per step, 13 % of
+the step's wall time on the 2-core development machine (BENCHMARKS.md). PyTorch avoids
+this with its caching allocator; XLA's CPU client has none.
+
+What: three glibc `mallopt` settings, made before JAX starts its threads -- one malloc
+arena (worker threads then allocate from the main heap, which can grow without
+limit, instead of from per-thread heaps capped at 64 MiB that fall back to mmap), no
+mmap for large blocks, and no trimming of the heap's free top. A freed step buffer then
+stays mapped and the next step reuses it: no page faults, no kernel time. The cost: the
+process keeps its peak host memory instead of returning it to the OS, as a caching
+allocator does.
+
+Applied once when `mixer_jax` is imported (that is, before any entry point touches
+JAX). `MIXER_JAX_KEEP_HOST_MEMORY=0` in the environment turns it off; on systems without
+glibc (macOS, musl) it does nothing.
+"""
+
+import ctypes
+import os
+import sys
+
+ENV_VAR = "MIXER_JAX_KEEP_HOST_MEMORY"
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_NEVER = 2 ** 31 - 1  # The largest int: the heap top is never trimmed.
+
+_applied = None
+
+
+def keep_freed_memory() -> bool:
+  """Applies the settings once; True if they are in effect in this process."""
+  global _applied
+  if _applied is not None:
+    return _applied
+  _applied = False
+  if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    return False
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt  # glibc's, already loaded in this process.
+  except (OSError, AttributeError):
+    return False  # Not glibc (e.g. musl has no mallopt).
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  # mallopt returns 1 on success, 0 on error.
+  _applied = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
+                  and mallopt(_M_TRIM_THRESHOLD, _NEVER))
+  return _applied
+
+
+def applied() -> bool:
+  """Whether keep_freed_memory() is in effect (for benchmark reports)."""
+  return bool(_applied)
