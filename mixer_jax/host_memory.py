@@ -16,12 +16,21 @@ stays mapped and the next step reuses it: no page faults, no kernel time. The co
 process keeps its peak host memory instead of returning it to the OS, as a caching
 allocator does.
 
-Applied once when `mixer_jax` is imported (that is, before any entry point touches
-JAX). `MIXER_JAX_KEEP_HOST_MEMORY=0` in the environment turns it off; on systems without
-glibc (macOS, musl) it does nothing.
+When: once, when `mixer_jax` is imported (that is, before any entry point touches JAX),
+if JAX will compute on the CPU: `JAX_PLATFORMS` is `cpu`, or unset with no accelerator
+plugin installed (no `jax_plugins` package, no `libtpu`). On GPU and TPU hosts the
+step's buffers live in device memory, and one malloc arena would only make tf.data's
+many threads contend for one lock. `MIXER_JAX_KEEP_HOST_MEMORY=1` forces it on, `=0`
+off. On systems without glibc (macOS, musl) it does nothing.
+
+Known cost with TensorFlow in the same process (main's input pipeline): tf.data's
+allocations share the one heap with XLA's step buffer, so the heap fragments and grows
+for a while; BENCHMARKS.md has the end-to-end figures (faster than without, but with
+more resident memory).
 """
 
 import ctypes
+import importlib.util
 import os
 import sys
 
@@ -42,7 +51,10 @@ def keep_freed_memory() -> bool:
   if _applied is not None:
     return _applied
   _applied = False
-  if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+  wanted = os.environ.get(ENV_VAR, "auto").strip().lower()
+  if wanted in ("0", "false", "no", "off"):
+    return False
+  if wanted not in ("1", "true", "yes", "on") and not computes_on_cpu():
     return False
   if not sys.platform.startswith("linux"):
     return False
@@ -55,6 +67,20 @@ def keep_freed_memory() -> bool:
   _applied = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
                   and mallopt(_M_TRIM_THRESHOLD, _NEVER))
   return _applied
+
+
+def computes_on_cpu() -> bool:
+  """Whether JAX will run on the CPU, decided without starting JAX."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  for accelerator_package in ("jax_plugins", "libtpu"):  # CUDA/ROCm plugins; TPU.
+    try:
+      if importlib.util.find_spec(accelerator_package) is not None:
+        return False
+    except (ImportError, ValueError):
+      continue
+  return True
 
 
 def applied() -> bool:

@@ -77,11 +77,18 @@ def test_kept_memory_stops_the_per_call_page_faults():
   assert sum(kept["faults"]) * 2 < sum(default["faults"]), (kept, default)
 
 
-def test_opt_out_leaves_malloc_alone():
+@pytest.mark.parametrize("keep, platforms, expected", [
+    ("off", "cpu", False),          # Opted out.
+    ("auto", "cuda,cpu", False),    # Accelerator: the step's buffers are not on the host.
+    ("auto", "tpu", False),
+    ("1", "tpu", True),             # Forced on.
+])
+def test_when_it_applies(keep, platforms, expected):
   code = ("import mixer_jax; from mixer_jax import host_memory; "
           "print(host_memory.applied(), host_memory.keep_freed_memory())")
-  env = dict(os.environ, MIXER_JAX_KEEP_HOST_MEMORY="off")
+  env = dict(os.environ, MIXER_JAX_KEEP_HOST_MEMORY=keep, JAX_PLATFORMS=platforms)
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.split() == ["False", "False"]
+  expected = expected and _glibc()
+  assert proc.stdout.split() == [str(expected)] * 2
