@@ -75,6 +75,7 @@ class TimmSide:
     self.num_params = sum(p.numel() for p in self.model.parameters())
     self.versions = {"torch": torch.__version__, "timm": timm.__version__}
     self.model.train(mode == "train")
+    self.block = lambda x: x  # PyTorch on the CPU runs eagerly: nothing to wait for.
 
   def step(self):
     torch = self.torch
@@ -130,12 +131,13 @@ class OursSide:
 def _worker(side: str, args, conn):
   """One side in its own process: its own allocator settings, threads and caches."""
   if side == "timm":
-    if args.timm_keep_host_memory:
-      from mixer_jax import host_memory  # noqa: F401  (importing mixer_jax applies it)
+    kept = False
+    if args.timm_keep_host_memory:  # Before torch starts threads, as for ours.
+      from mixer_jax import host_memory
+      kept = host_memory.keep_freed_memory()
     runner = TimmSide(args.variant, args.batch_size, args.threads, args.mode)
-    runner.block = lambda x: x
     runner.info = {"num_params": runner.num_params, **runner.versions,
-                   "keep_host_memory": bool(args.timm_keep_host_memory)}
+                   "keep_host_memory": kept}
   else:
     runner = OursSide(args)
   timed(runner.step, args.warmup, runner.block)
