@@ -107,7 +107,7 @@ class OursSide:
   """Our train step (or forward) exactly as `python -m mixer_jax.benchmark` builds it."""
 
   def __init__(self, args):
-    from mixer_jax import benchmark, host_memory  # First: it sets malloc up before JAX starts.
+    from mixer_jax import benchmark, models  # First: it sets malloc up before JAX starts.
     import jax
     ours_args = benchmark.parse_args([f"--variant={args.variant}",
                                       f"--batch_size={args.batch_size}", f"--mode={args.mode}"])
@@ -119,10 +119,9 @@ class OursSide:
       _, params, images, compiled = benchmark.forward_bench(ours_args)
       self.step = lambda: compiled(params, images)
       self.flops = benchmark.compiled_flops(compiled) / args.batch_size
-      self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+      self.num_params = models.count_params(params)
     self.block = jax.block_until_ready
     self.info = {"num_params": self.num_params, "flops_per_image": self.flops,
-                 "keep_host_memory": host_memory.applied(),
                  "device": benchmark.device_description()}
     if args.peak_size:
       self.info.update(benchmark.measure_peak("float32", args.peak_size))
@@ -194,7 +193,7 @@ def main(argv=None):
       "timed_steps_each": len(times["ours"]),
       "ours_page_faults_per_step": statistics.median(faults["ours"]),
       "timm_page_faults_per_step": statistics.median(faults["timm"]),
-      "ours_keep_host_memory": ours["keep_host_memory"],
+      "ours_keep_host_memory": ours["device"]["keep_host_memory"],
       "timm_keep_host_memory": timm_info["keep_host_memory"],
       "flops_per_image": flops, "ours_achieved_flops": flops * ours_ips,
       "timm_achieved_flops": flops * timm_ips, "num_params": ours["num_params"],

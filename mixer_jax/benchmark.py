@@ -178,12 +178,18 @@ def _cpu_seconds() -> float:
   return t.user + t.system
 
 
-def _page_faults() -> int:
+def _rusage():
+  """This process's resource usage, or None where the `resource` module is missing."""
   try:
     import resource
   except ImportError:  # Not a Unix.
-    return 0
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def _page_faults() -> int:
+  usage = _rusage()
+  return usage.ru_minflt if usage else 0
 
 
 class CpuMeter:
@@ -212,7 +218,7 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int,
 
   `step` must return something to block on; blocking each step is what makes a step's
   time its own (JAX dispatches asynchronously). `meter`, if given, receives the
-  timed window's `busy_cores` (see CpuMeter).
+  timed window's `busy_cores` and `page_faults_per_step` (see CpuMeter).
   """
   import jax
   for _ in range(warmup):
@@ -484,11 +490,9 @@ def run(args) -> Dict[str, Any]:
     result["peak_matmul_flops_before_after"] = [before["peak_matmul_flops"],
                                                 after["peak_matmul_flops"]]
   result["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-  try:
-    import resource  # Peak resident host memory of this process (Linux: KiB).
-    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  except ImportError:
-    pass
+  usage = _rusage()
+  if usage:  # Peak resident host memory of this process (Linux reports KiB).
+    result["max_rss_mb"] = usage.ru_maxrss / 1024
   flops = result.get("flops_per_image")
   if flops is not None and args.mode != "input":
     result["achieved_flops"] = flops * result["images_per_s"]
