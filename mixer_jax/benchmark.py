@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="WIDTHxHEIGHT of the generated JPEGs (input modes; ImageNet's typical size).")
   p.add_argument("--num_source_images", type=int, default=64,
                  help="Distinct generated JPEGs the input modes cycle through.")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="end_to_end: alternating (bare, fed) window pairs, --steps each.")
   p.add_argument("--with_train_step", action="store_true",
                  help="With --mode=input: the same as --mode=end_to_end.")
   p.add_argument("--traceback", action="store_true", help="Full tracebacks for user errors.")
@@ -102,7 +104,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.mode = "end_to_end"
   if args.dtype not in DTYPES:
     raise BenchmarkError(f"--dtype={args.dtype!r} is not one of {', '.join(DTYPES)}.")
-  for name in ("batch_size", "image_size", "steps", "num_classes", "num_source_images"):
+  for name in ("batch_size", "image_size", "steps", "rounds", "num_classes",
+               "num_source_images"):
     if getattr(args, name) <= 0:
       raise BenchmarkError(f"--{name}={getattr(args, name)} must be a positive integer.")
   for name in ("warmup", "peak_size", "num_blocks", "hidden_dim", "tokens_mlp_dim",
@@ -426,6 +429,9 @@ def bench_input(args, result):
   result["augmentation"] = dict(IMAGENET1K_AUGMENT, source_size=args.source_size)
 
 
+PREFETCH_BATCHES = 2  # input_pipeline.train_dataset's prefetch depth.
+
+
 def bench_end_to_end(args, result):
   """The real input pipeline feeding the train step as main's loop does, against the
   bare train step (device-resident batch) in the same run; both over whole windows."""
@@ -440,24 +446,41 @@ def bench_end_to_end(args, result):
     batch = sharding.global_batch(input_pipeline.to_numpy(next(iterator)), mesh)
     return bench.run(batch)
 
-  def window(step, name):
-    for _ in range(args.warmup):
-      jax.block_until_ready(step())
+  def window(step):
     with CpuMeter() as cpu:
       start = time.perf_counter()
       out = [step() for _ in range(args.steps)]  # No host sync inside, like main's loop.
       jax.block_until_ready(out)
       seconds = time.perf_counter() - start
-    result[f"{name}_busy_cores"] = cpu.busy_cores
-    result[f"{name}_page_faults_per_step"] = cpu.page_faults / args.steps
-    return args.batch_size * args.steps / seconds
+    return seconds, cpu
 
   # The fed steps' warm-up comes first: it fills the input pipeline and lets the malloc
-  # heap, shared with tf.data's threads, settle before either window is timed.
+  # heap, shared with tf.data's threads, settle before any window is timed. Then bare
+  # and fed windows alternate, so that a slow spell of this shared machine falls on both.
   for _ in range(args.warmup):
     jax.block_until_ready(fed_step())
-  bare = window(bench.run, "train")
-  fed = window(fed_step, "end_to_end")
+  for _ in range(args.warmup):
+    jax.block_until_ready(bench.run())
+  seconds = {"train": [], "end_to_end": []}
+  cpu_seconds = {"train": 0.0, "end_to_end": 0.0}
+  page_faults = {"train": 0, "end_to_end": 0}
+  for _ in range(args.rounds):
+    for name, step in (("train", bench.run), ("end_to_end", fed_step)):
+      if name == "end_to_end":
+        # The pipeline prefetched during the bare window; consume that head start
+        # untimed so the fed window runs at the pipeline's steady rate.
+        for _ in range(PREFETCH_BATCHES):
+          jax.block_until_ready(fed_step())
+      window_seconds, cpu = window(step)
+      seconds[name].append(window_seconds)
+      cpu_seconds[name] += cpu.busy_cores * window_seconds
+      page_faults[name] += cpu.page_faults
+  for name in seconds:
+    result[f"{name}_busy_cores"] = cpu_seconds[name] / sum(seconds[name])
+    result[f"{name}_page_faults_per_step"] = page_faults[name] / (args.steps * args.rounds)
+  bare, fed = (args.batch_size * args.steps * args.rounds / sum(seconds[name])
+               for name in ("train", "end_to_end"))
+  result["end_to_end_round_ratios"] = [t / f for t, f in zip(seconds["train"], seconds["end_to_end"])]
   result["train_images_per_s"] = bare
   result["end_to_end_images_per_s"] = fed
   result["images_per_s"] = fed

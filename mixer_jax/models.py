@@ -21,6 +21,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Paper Table 1: hidden size C, blocks, token-MLP width D_S, channel-MLP width D_C.
 SIZES = {
@@ -75,6 +76,53 @@ class PatchStem(nn.Conv):
     return patches @ kernel.reshape(p * p * c, self.features) + bias
 
 
+@jax.custom_vjp
+def dense_matmul(x, kernel):
+  """x (..., K) @ kernel (K, N): a Dense layer's product, with a hand-ordered backward.
+
+  Why a custom VJP: the kernel gradient contracts the input x with the output
+  gradient g over every leading axis, and XLA's CPU matmul wants its left operand
+  with the contracted axis last, so it transposes (copies) whichever operand comes
+  first. Autodiff always puts g first; when g is the larger one (the expanding
+  Dense_0 of each MLP: g is 4x the size of x) that is a 13-17 MB copy per layer. Here
+  the smaller operand goes first. Same products and sums as autodiff; the float32
+  summation order inside the matmul may differ (BENCHMARKS.md has the speed-up).
+  """
+  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_matmul_fwd(x, kernel):
+  return dense_matmul(x, kernel), (x, kernel)
+
+
+def _dense_matmul_bwd(residuals, g):
+  x, kernel = residuals
+  grad_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  leading = tuple(range(x.ndim - 1))
+  if x.size <= g.size:
+    grad_kernel = lax.dot_general(x, g, ((leading, leading), ((), ())))
+  else:  # Autodiff's order; only the (K, N) result is transposed.
+    grad_kernel = lax.dot_general(g, x, ((leading, leading), ((), ()))).T
+  return grad_x, grad_kernel
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+class Dense(nn.Dense):
+  """`nn.Dense` (same name, parameters and initialisers) computed with `dense_matmul`."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = dense_matmul(inputs, kernel)
+    return y if bias is None else y + bias
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dense back to the input width (`Dense_0`, `Dense_1`)."""
   mlp_dim: int
@@ -84,10 +132,10 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     width = x.shape[-1]
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = gelu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(y)
+    y = Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(y)
     return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 

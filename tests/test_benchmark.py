@@ -42,6 +42,7 @@ def test_input_with_train_step_is_end_to_end():
     (["--dtype=float16"], "--dtype='float16' is not one of float32, bfloat16"),
     (["--batch_size=0"], "--batch_size=0 must be a positive integer"),
     (["--steps=-1"], "--steps=-1 must be a positive integer"),
+    (["--rounds=0"], "--rounds=0 must be a positive integer"),
     (["--warmup=-1"], "--warmup=-1 must be zero or positive"),
     (["--image_size=100"], "not divisible by the patch size 32"),
     (["--source_size=500"], "--source_size='500' must be WIDTHxHEIGHT"),
@@ -128,6 +129,7 @@ def test_end_to_end_mode_json(capsys):
   assert r["end_to_end_ratio"] == pytest.approx(r["end_to_end_images_per_s"] /
                                                 r["train_images_per_s"])
   assert r["train_flops_per_image"] > 0
+  assert len(r["end_to_end_round_ratios"]) == 2  # --rounds' default: bare/fed pairs.
 
 
 def test_input_pipeline_source_makes_decodable_jpegs():

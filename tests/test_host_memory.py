@@ -77,6 +77,37 @@ def test_kept_memory_stops_the_per_call_page_faults():
   assert sum(kept["faults"]) * 2 < sum(default["faults"]), (kept, default)
 
 
+# Two 1.25 GB blocks freed together leave a free heap top above 2 GiB, which glibc
+# trims unless trimming is off altogether; the third block then faults afresh.
+_BIG_BLOCKS = r"""
+import ctypes, json, resource
+import mixer_jax
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 1250 * 2 ** 20
+blocks = [libc.malloc(size) for _ in range(2)]
+for b in blocks:
+  ctypes.memset(b, 1, size)
+for b in reversed(blocks):
+  libc.free(b)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = libc.malloc(size)
+ctypes.memset(b, 1, size)
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="the malloc settings exist only in glibc")
+def test_heap_is_not_trimmed_even_above_two_gigabytes():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MIXER_JAX_KEEP_HOST_MEMORY="1")
+  proc = subprocess.run([sys.executable, "-c", _BIG_BLOCKS], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  faults = json.loads(proc.stdout.strip().splitlines()[-1])["faults"]
+  assert faults < 1250 * 2 ** 20 // 4096 // 10, faults  # Reused, not mapped afresh.
+
+
 @pytest.mark.parametrize("keep, platforms, expected", [
     ("off", "cpu", False),          # Opted out.
     ("auto", "cuda,cpu", False),    # Accelerator: the step's buffers are not on the host.
