@@ -168,6 +168,26 @@ def test_dense_equals_flax_dense_in_value_and_gradients(features):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  default, forward = _tiny(), _tiny(forward_mode_ad=True)
+  params = models.init_params(default, 16)
+  tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+  f = lambda model: lambda p: model.apply({"params": p}, images, return_tokens=True)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(f(default), (params,), (tangent,))  # The custom VJP has no forward mode.
+  out, jvp_out = jax.jvp(f(forward), (params,), (tangent,))
+  np.testing.assert_allclose(out, f(default)(params), rtol=1e-5, atol=1e-6)
+  # Forward mode agrees with reverse mode of the default model: <J t, v> = <t, J^T v>.
+  v = jax.random.normal(jax.random.key(1), out.shape)
+  _, vjp = jax.vjp(f(default), params)
+  (cotangent,) = vjp(v)
+  lhs = jnp.vdot(jvp_out, v)
+  rhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(tangent),
+                                          jax.tree_util.tree_leaves(cotangent)))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
 def _dot_generals(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
