@@ -77,6 +77,10 @@ class PatchStem(nn.Conv):
     return patches @ kernel.reshape(p * p * c, self.features) + bias
 
 
+def _product(x, kernel):
+  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 @jax.custom_vjp
 def dense_matmul(x, kernel):
   """x (..., K) @ kernel (K, N): a Dense layer's product, with a hand-ordered backward.
@@ -89,7 +93,7 @@ def dense_matmul(x, kernel):
   the smaller operand goes first. Same products and sums as autodiff; the float32
   summation order inside the matmul may differ (BENCHMARKS.md has the speed-up).
   """
-  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return _product(x, kernel)
 
 
 def _dense_matmul_fwd(x, kernel):
@@ -126,10 +130,7 @@ class Dense(nn.Dense):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    if self.forward_mode_ad:
-      y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
-    else:
-      y = dense_matmul(inputs, kernel)
+    y = (_product if self.forward_mode_ad else dense_matmul)(inputs, kernel)
     return y if bias is None else y + bias
 
 
