@@ -211,7 +211,9 @@ class CpuMeter:
     return self
 
   def __exit__(self, *exc):
-    self.busy_cores = (_cpu_seconds() - self._cpu) / max(time.perf_counter() - self._wall, 1e-9)
+    self.seconds = time.perf_counter() - self._wall
+    self.cpu_seconds = _cpu_seconds() - self._cpu
+    self.busy_cores = self.cpu_seconds / max(self.seconds, 1e-9)
     self.page_faults = _page_faults() - self._faults
 
 
@@ -429,9 +431,6 @@ def bench_input(args, result):
   result["augmentation"] = dict(IMAGENET1K_AUGMENT, source_size=args.source_size)
 
 
-PREFETCH_BATCHES = 2  # input_pipeline.train_dataset's prefetch depth.
-
-
 def bench_end_to_end(args, result):
   """The real input pipeline feeding the train step as main's loop does, against the
   bare train step (device-resident batch) in the same run; both over whole windows."""
@@ -446,13 +445,17 @@ def bench_end_to_end(args, result):
     batch = sharding.global_batch(input_pipeline.to_numpy(next(iterator)), mesh)
     return bench.run(batch)
 
-  def window(step):
+  seconds = {"train": [], "end_to_end": []}
+  cpu_seconds = {"train": 0.0, "end_to_end": 0.0}
+  page_faults = {"train": 0, "end_to_end": 0}
+
+  def window(step, name):
     with CpuMeter() as cpu:
-      start = time.perf_counter()
       out = [step() for _ in range(args.steps)]  # No host sync inside, like main's loop.
       jax.block_until_ready(out)
-      seconds = time.perf_counter() - start
-    return seconds, cpu
+    seconds[name].append(cpu.seconds)
+    cpu_seconds[name] += cpu.cpu_seconds
+    page_faults[name] += cpu.page_faults
 
   # The fed steps' warm-up comes first: it fills the input pipeline and lets the malloc
   # heap, shared with tf.data's threads, settle before any window is timed. Then bare
@@ -461,20 +464,13 @@ def bench_end_to_end(args, result):
     jax.block_until_ready(fed_step())
   for _ in range(args.warmup):
     jax.block_until_ready(bench.run())
-  seconds = {"train": [], "end_to_end": []}
-  cpu_seconds = {"train": 0.0, "end_to_end": 0.0}
-  page_faults = {"train": 0, "end_to_end": 0}
   for _ in range(args.rounds):
-    for name, step in (("train", bench.run), ("end_to_end", fed_step)):
-      if name == "end_to_end":
-        # The pipeline prefetched during the bare window; consume that head start
-        # untimed so the fed window runs at the pipeline's steady rate.
-        for _ in range(PREFETCH_BATCHES):
-          jax.block_until_ready(fed_step())
-      window_seconds, cpu = window(step)
-      seconds[name].append(window_seconds)
-      cpu_seconds[name] += cpu.busy_cores * window_seconds
-      page_faults[name] += cpu.page_faults
+    window(bench.run, "train")
+    # The pipeline prefetched during the bare window; consume that head start untimed
+    # so the fed window runs at the pipeline's steady rate.
+    for _ in range(input_pipeline.PREFETCH_BATCHES):
+      jax.block_until_ready(fed_step())
+    window(fed_step, "end_to_end")
   for name in seconds:
     result[f"{name}_busy_cores"] = cpu_seconds[name] / sum(seconds[name])
     result[f"{name}_page_faults_per_step"] = page_faults[name] / (args.steps * args.rounds)

@@ -28,6 +28,8 @@ from mixer_jax import augment
 FOLDER_PREFIX = "folder:"
 # Datasets whose preparation needs no download: built here on first use.
 _OFFLINE_BUILDERS = ("mixer_digits",)
+# Batches each dataset prepares ahead of the train/eval loop.
+PREFETCH_BATCHES = 2
 # Datasets prepared by TFDS from files the user downloads into the manual dir.
 _MANUAL_DATASETS = {
     "imagenet2012": "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in the manual "
@@ -274,7 +276,7 @@ def train_dataset(source, config, local_batch_size: int, num_classes: int,
   ds = ds.enumerate().map(with_seed, num_parallel_calls=os.cpu_count() or 1,
                           deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(2).with_options(_options())
+  return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
 def eval_dataset(source, config, split: str, local_batch_size: int, num_classes: int,
@@ -292,7 +294,7 @@ def eval_dataset(source, config, split: str, local_batch_size: int, num_classes:
     zero = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(zero).repeat(pad))
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(2).with_options(_options()), num_batches
+  return ds.prefetch(PREFETCH_BATCHES).with_options(_options()), num_batches
 
 
 # ----------------------------------------------------------- iterator position
