@@ -58,8 +58,9 @@ class PatchStem(nn.Conv):
   `nn.Conv` it replaces, so checkpoints and init are unchanged. Why: XLA on CPU runs
   this strided conv and its kernel gradient far below matmul speed, while the
   equivalent (B*N, P*P*3) x (P*P*3, C) product runs near it. Equal to the conv up to
-  float32 summation order.
+  float32 summation order. The product is `Dense`'s (see there for `forward_mode_ad`).
   """
+  forward_mode_ad: bool = False
 
   @nn.compact
   def __call__(self, images):
@@ -74,24 +75,45 @@ class PatchStem(nn.Conv):
     # (B, H, W, c) -> (B, H/p, W/p, p, p, c): each row a patch in the kernel's (p, p, c) order.
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, h // p, w // p, p * p * c)
-    return patches @ kernel.reshape(p * p * c, self.features) + bias
+    product = _product if self.forward_mode_ad else dense_matmul
+    return product(patches, kernel.reshape(p * p * c, self.features)) + bias
 
 
 def _product(x, kernel):
   return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
+def _product_columns(x, kernel):
+  return lax.dot_general(kernel, x, (((0,), (0,)), ((), ())))
+
+
+# Why the products below are hand-ordered: XLA's CPU backend hands a matmul to its fast
+# library (YNNPACK) only when the left operand is contracted over its last axis and the
+# right one over its first (A @ B, both row-major). Any other form goes to a slower
+# generic matmul, 1.2-2x slower on this model's shapes (BENCHMARKS.md). XLA folds a
+# plain transpose into the matmul's dimension numbers, so where a transposed copy is
+# wanted it is fenced with `lax.optimization_barrier`. Other backends (cuBLAS, TPU) take
+# transposed operands for free and get the plain products.
+
+
+def _kernel_grad(x, g):
+  """sum over rows of x (R, K) outer g (R, N) -> (K, N), as autodiff writes it."""
+  return lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+
+
+def _kernel_grad_cpu(x, g):
+  """The same sum as one A @ B: the smaller operand is copied transposed, goes first."""
+  if x.size <= g.size:
+    return lax.optimization_barrier(x.T) @ g
+  return lax.optimization_barrier(lax.optimization_barrier(g.T) @ x).T
+
+
 @jax.custom_vjp
 def dense_matmul(x, kernel):
   """x (..., K) @ kernel (K, N): a Dense layer's product, with a hand-ordered backward.
 
-  Why a custom VJP: the kernel gradient contracts the input x with the output
-  gradient g over every leading axis, and XLA's CPU matmul wants its left operand
-  with the contracted axis last, so it transposes (copies) whichever operand comes
-  first. Autodiff always puts g first; when g is the larger one (the expanding
-  Dense_0 of each MLP: g is 4x the size of x) that is a 13-17 MB copy per layer. Here
-  the smaller operand goes first. Same products and sums as autodiff; the float32
-  summation order inside the matmul may differ (BENCHMARKS.md has the speed-up).
+  Same products and sums as autodiff; the float32 summation order inside the matmul
+  may differ.
   """
   return _product(x, kernel)
 
@@ -103,49 +125,95 @@ def _dense_matmul_fwd(x, kernel):
 def _dense_matmul_bwd(residuals, g):
   x, kernel = residuals
   grad_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  leading = tuple(range(x.ndim - 1))
-  if x.size <= g.size:
-    grad_kernel = lax.dot_general(x, g, ((leading, leading), ((), ())))
-  else:  # Autodiff's order; only the (K, N) result is transposed.
-    grad_kernel = lax.dot_general(g, x, ((leading, leading), ((), ()))).T
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  grad_kernel = lax.platform_dependent(rows(x), rows(g), cpu=_kernel_grad_cpu,
+                                       default=_kernel_grad)
   return grad_x, grad_kernel
 
 
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
-class Dense(nn.Dense):
-  """`nn.Dense` (same name, parameters and initialisers) computed with `dense_matmul`.
+@jax.custom_vjp
+def dense_matmul_columns(x, kernel):
+  """kernel (K, N) applied to every column of x (K, R): kernel^T @ x -> (N, R)."""
+  return _product_columns(x, kernel)
 
-  A custom VJP has no forward-mode derivative: with `forward_mode_ad=True` the product
-  is a plain `dot_general`, so that jax.jvp, jax.jacfwd and jax.hessian work (the
+
+def _product_columns_cpu(x, kernel):
+  return lax.optimization_barrier(kernel.T) @ x
+
+
+def _dense_matmul_columns_fwd(x, kernel):
+  y = lax.platform_dependent(x, kernel, cpu=_product_columns_cpu, default=_product_columns)
+  return y, (x, kernel)
+
+
+def _dense_matmul_columns_bwd(residuals, g):
+  x, kernel = residuals
+  grad_x = kernel @ g
+  # sum over columns of x (K, R) outer g (N, R); the operand with fewer rows goes first
+  # (its small result is transposed instead): 1.35x faster for (49, R) x (256, R).
+  if kernel.shape[0] <= kernel.shape[1]:
+    grad_kernel = lax.dot_general(x, g, (((1,), (1,)), ((), ())))
+  else:
+    grad_kernel = lax.dot_general(g, x, (((1,), (1,)), ((), ()))).T
+  return grad_x, grad_kernel
+
+
+dense_matmul_columns.defvjp(_dense_matmul_columns_fwd, _dense_matmul_columns_bwd)
+
+
+class Dense(nn.Dense):
+  """`nn.Dense` (same name, parameters and initialisers) with hand-ordered matmuls.
+
+  `columns=True` takes inputs (features, rows) instead of (rows..., features) and
+  returns (self.features, rows): the same layer applied to every column (token mixing
+  lays the batch out that way, see MixerBlock).
+
+  A custom VJP has no forward-mode derivative: with `forward_mode_ad=True` the products
+  are plain `dot_general`s, so that jax.jvp, jax.jacfwd and jax.hessian work (the
   train step is then about 10 % slower on CPUs).
   """
+  columns: bool = False
   forward_mode_ad: bool = False
 
   @nn.compact
   def __call__(self, inputs):
-    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+    in_features = inputs.shape[0] if self.columns else inputs.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features),
                         self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = (_product if self.forward_mode_ad else dense_matmul)(inputs, kernel)
+    if self.columns:
+      if inputs.ndim != 2:
+        raise ValueError(f"Dense(columns=True) takes (features, rows) inputs, got shape "
+                         f"{inputs.shape}.")
+      product = _product_columns if self.forward_mode_ad else dense_matmul_columns
+      bias = None if bias is None else bias[:, None]
+    else:
+      product = _product if self.forward_mode_ad else dense_matmul
+    y = product(inputs, kernel)
     return y if bias is None else y + bias
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense back to the input width (`Dense_0`, `Dense_1`)."""
+  """Dense -> GELU -> Dense back to the input width (`Dense_0`, `Dense_1`).
+
+  `columns=True`: x is (features, rows) and the MLP acts on each column (see Dense).
+  """
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
   forward_mode_ad: bool = False
+  columns: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    width = x.shape[-1]
+    width = x.shape[0] if self.columns else x.shape[-1]
     dense = functools.partial(Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                              forward_mode_ad=self.forward_mode_ad)
+                              columns=self.columns, forward_mode_ad=self.forward_mode_ad)
     y = dense(self.mlp_dim)(x)
     y = gelu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -183,10 +251,15 @@ class MixerBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     # x: (batch, tokens, channels). `train` is positional so nn.remat can mark it static.
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = jnp.swapaxes(y, 1, 2)  # Mix along tokens: (batch, channels, tokens).
+    # Token mixing acts on the columns of each image's (tokens, channels) table. All of
+    # the batch's columns side by side make one (tokens, batch * channels) matrix that
+    # the MLP multiplies from the left: moving whole channel rows is a cheaper
+    # relayout than transposing each image, and the matmuls get row-major operands.
+    b, s, c = y.shape
+    y = jnp.transpose(y, (1, 0, 2)).reshape(s, b * c)
     y = MlpBlock(self.tokens_mlp_dim, self.dropout, self.dtype, self.forward_mode_ad,
-                 name="token_mixing")(y, train=train)
-    x = self._residual(x, jnp.swapaxes(y, 1, 2), train)
+                 columns=True, name="token_mixing")(y, train=train)
+    x = self._residual(x, jnp.transpose(y.reshape(s, b, c), (1, 0, 2)), train)
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = MlpBlock(self.channels_mlp_dim, self.dropout, self.dtype, self.forward_mode_ad,
                  name="channel_mixing")(y, train=train)
@@ -227,7 +300,8 @@ class MlpMixer(nn.Module):
     _check_image_shape(images.shape, self.patch_size)
     x = PatchStem(self.hidden_dim, (self.patch_size, self.patch_size),
                   strides=(self.patch_size, self.patch_size), padding="VALID",
-                  dtype=self.dtype, param_dtype=jnp.float32, name="stem")(images)
+                  dtype=self.dtype, param_dtype=jnp.float32,
+                  forward_mode_ad=self.forward_mode_ad, name="stem")(images)
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Row-major raster order.
     # static_argnums counts `self`: argument 2 is `train`.
     block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock

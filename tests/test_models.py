@@ -1,5 +1,6 @@
 """The model zoo: exact parameter counts, shapes, features, errors, numerics."""
 
+import re
 import subprocess
 import sys
 
@@ -149,20 +150,23 @@ def test_bfloat16_compute_keeps_float32_params():
   assert dense.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("features", [24, 3])  # Output wider, then narrower, than the input.
-def test_dense_equals_flax_dense_in_value_and_gradients(features):
-  # models.Dense orders its kernel-gradient matmul by operand size; its parameters,
-  # outputs and gradients must still be nn.Dense's.
+def test_dense_equals_flax_dense_in_value_and_gradients(features, columns):
+  # models.Dense hand-orders its matmuls; its parameters, outputs and gradients must
+  # still be nn.Dense's (with columns=True: nn.Dense applied to each column).
   import flax.linen as nn
-  x = jax.random.normal(jax.random.key(0), (4, 5, 6))
-  ours, flax_dense = models.Dense(features), nn.Dense(features)
+  x = jax.random.normal(jax.random.key(0), (6, 20) if columns else (4, 5, 6))
+  ours, flax_dense = models.Dense(features, columns=columns), nn.Dense(features)
+  flax_apply = lambda p, x: flax_dense.apply(p, x.T).T if columns else flax_dense.apply(p, x)
   params = ours.init(jax.random.key(1), x)
-  assert (jax.tree_util.tree_map(jnp.shape, params)
-          == jax.tree_util.tree_map(jnp.shape, flax_dense.init(jax.random.key(1), x)))
-  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-  np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6)
-  ours_grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
-  flax_grads = jax.grad(loss(flax_dense), argnums=(0, 1))(params, x)
+  assert (jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+      jnp.shape, flax_dense.init(jax.random.key(1), x.T if columns else x)))
+  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x), flax_apply(params, x), rtol=1e-6,
+                             atol=1e-6)
+  ours_grads = jax.grad(loss(ours.apply), argnums=(0, 1))(params, x)
+  flax_grads = jax.grad(loss(flax_apply), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree_util.tree_leaves(ours_grads), jax.tree_util.tree_leaves(flax_grads)):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -188,30 +192,26 @@ def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
   np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
 
 
-def _dot_generals(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
-    for value in eqn.params.values():
-      inner = getattr(value, "jaxpr", value)
-      if hasattr(inner, "eqns"):
-        yield from _dot_generals(inner)
-
-
-def test_mlp_block_kernel_gradients_put_the_smaller_operand_first():
-  # The reason for models.Dense: XLA's CPU matmul copies the first operand of the
-  # kernel-gradient product into a transposed layout, so that operand must be the
-  # smaller of (layer input, output gradient), in the widening and narrowing Dense.
-  block = models.MlpBlock(mlp_dim=64)
-  x = jnp.ones((2, 7, 16))
+def _lhs_contracting_dims(block, x):
+  """lhs_contracting_dims of every matmul XLA compiles for the block's gradient."""
   params = block.init(jax.random.key(0), x)
-  grad = jax.grad(lambda p: jnp.sum(block.apply(p, x) ** 2))
-  kernel_grads = [eqn for eqn in _dot_generals(jax.make_jaxpr(grad)(params).jaxpr)
-                  if eqn.params["dimension_numbers"][0] == ((0, 1), (0, 1))]
-  assert len(kernel_grads) == 2
-  for eqn in kernel_grads:
-    first, second = (v.aval.shape for v in eqn.invars)
-    assert first == (2, 7, 16) and second == (2, 7, 64), (first, second)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1)))
+  hlo = grad.lower(params, x).compile().as_text()
+  return re.findall(r" dot\(.*?lhs_contracting_dims=\{([\d,]*)\}", hlo)
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_mlp_block_matmuls_contract_the_left_operand_over_its_last_axis(columns):
+  # The reason for models.Dense's custom VJP: XLA's CPU backend runs a matmul in its
+  # fast library only when the left operand is contracted over its last axis;
+  # autodiff's kernel gradients (and the columns layout's forward) contract it over
+  # the first. The plain products (forward_mode_ad=True) show the check can fail.
+  x = jnp.ones((16, 14)) if columns else jnp.ones((2, 7, 16))
+  ours = _lhs_contracting_dims(models.MlpBlock(mlp_dim=64, columns=columns), x)
+  plain = _lhs_contracting_dims(
+      models.MlpBlock(mlp_dim=64, columns=columns, forward_mode_ad=True), x)
+  assert len(ours) == 6 and set(ours) == {"1"}, ours
+  assert "0" in plain, plain
 
 
 def _np_layer_norm(x, scale, bias):
