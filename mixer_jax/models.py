@@ -152,12 +152,9 @@ def _dense_matmul_columns_fwd(x, kernel):
 def _dense_matmul_columns_bwd(residuals, g):
   x, kernel = residuals
   grad_x = kernel @ g
-  # sum over columns of x (K, R) outer g (N, R); the operand with fewer rows goes first
-  # (its small result is transposed instead): 1.35x faster for (49, R) x (256, R).
-  if kernel.shape[0] <= kernel.shape[1]:
-    grad_kernel = lax.dot_general(x, g, (((1,), (1,)), ((), ())))
-  else:
-    grad_kernel = lax.dot_general(g, x, (((1,), (1,)), ((), ()))).T
+  # sum over columns of x (K, R) outer g (N, R): both are contracted over their last
+  # axis, a form the fast library takes as it is.
+  grad_kernel = lax.dot_general(x, g, (((1,), (1,)), ((), ())))
   return grad_x, grad_kernel
 
 
