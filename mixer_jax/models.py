@@ -88,9 +88,10 @@ def _product_columns(x, kernel):
 
 
 # Why the products below are hand-ordered: XLA's CPU backend hands a matmul to its fast
-# library (YNNPACK) only when the left operand is contracted over its last axis and the
-# right one over its first (A @ B, both row-major). Any other form goes to a slower
-# generic matmul, 1.2-2x slower on this model's shapes (BENCHMARKS.md). XLA folds a
+# library (YNNPACK) only when the left operand is contracted over its last axis (A @ B
+# or A @ B^T of row-major operands). Autodiff's kernel gradients contract it over its
+# first axis, which goes to a generic matmul, 1.2-2x slower on this model's shapes
+# (BENCHMARKS.md). XLA folds a
 # plain transpose into the matmul's dimension numbers, so where a transposed copy is
 # wanted it is fenced with `lax.optimization_barrier`. Other backends (cuBLAS, TPU) take
 # transposed operands for free and get the plain products.
@@ -170,7 +171,7 @@ class Dense(nn.Dense):
 
   A custom VJP has no forward-mode derivative: with `forward_mode_ad=True` the products
   are plain `dot_general`s, so that jax.jvp, jax.jacfwd and jax.hessian work (the
-  train step is then about 10 % slower on CPUs).
+  train step is then slower on CPUs).
   """
   columns: bool = False
   forward_mode_ad: bool = False

@@ -214,6 +214,33 @@ def test_mlp_block_matmuls_contract_the_left_operand_over_its_last_axis(columns)
   assert "0" in plain, plain
 
 
+@pytest.mark.parametrize("columns", [False, True])
+def test_accelerators_get_the_plain_products(columns):
+  # The transposed copies are for XLA's CPU backend only: lowered for a GPU or TPU
+  # (no device needed to lower), the gradient has no optimization barrier.
+  from jax import export
+  block = models.MlpBlock(mlp_dim=64, columns=columns)
+  x = jnp.ones((16, 14)) if columns else jnp.ones((2, 7, 16))
+  params = block.init(jax.random.key(0), x)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1)))
+  lowered = {platform: export.export(grad, platforms=[platform])(params, x).mlir_module()
+             for platform in ("cpu", "cuda", "tpu")}
+  assert "optimization_barrier" in lowered["cpu"]
+  assert "optimization_barrier" not in lowered["cuda"] + lowered["tpu"]
+
+
+@pytest.mark.parametrize("rows_x,rows_g", [(12, 40), (40, 12)])
+def test_cpu_and_plain_kernel_gradients_agree(rows_x, rows_g):
+  # Both branches of lax.platform_dependent, run here on the CPU.
+  x = jax.random.normal(jax.random.key(0), (30, rows_x))
+  g = jax.random.normal(jax.random.key(1), (30, rows_g))
+  np.testing.assert_allclose(models._kernel_grad_cpu(x, g), models._kernel_grad(x, g),
+                             rtol=1e-5, atol=1e-5)
+  kernel = jax.random.normal(jax.random.key(2), (30, rows_g))
+  np.testing.assert_allclose(models._product_columns_cpu(x, kernel),
+                             models._product_columns(x, kernel), rtol=1e-5, atol=1e-5)
+
+
 def _np_layer_norm(x, scale, bias):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
