@@ -8,8 +8,10 @@ mixer_jax.benchmark with the same arguments, compiled side by side, then timed i
 `--rounds` alternating rounds of `--steps_per_round` steps each, so that the slow
 patches of a shared machine hit both; each figure is the median over all its timed
 steps. Only the model code differs: the `--before` step is built while
-`models.create_model` is the one from `git show <before>:mixer_jax/models.py`.
-Other arguments go to mixer_jax.benchmark's parser (`--variant`, `--batch_size`, ...).
+`models.create_model` is the one from `git show <before>:mixer_jax/models.py`; rounds
+alternate which version goes first. Other arguments go to mixer_jax.benchmark's parser
+(`--variant`, `--batch_size`, `--dtype`, ...; its `--steps` and `--peak_size` have no
+effect here).
 The last stdout line is one JSON object.
 """
 
@@ -41,11 +43,21 @@ def load_models_at(revision: str):
                      f"({e.stderr.strip()}); pass a commit of this repository.")
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(source)
-  spec = importlib.util.spec_from_file_location(f"models_at_{revision}", f.name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  os.unlink(f.name)
+  try:
+    spec = importlib.util.spec_from_file_location(f"models_at_{revision}", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    os.unlink(f.name)
   return module
+
+
+def git_state() -> dict:
+  """The working tree's commit, and whether its mixer_jax/ differs from it."""
+  run = lambda *cmd: subprocess.run(["git", *cmd], cwd=_REPO_ROOT, capture_output=True,
+                                    text=True).stdout.strip()
+  return {"after_commit": run("rev-parse", "HEAD"),
+          "after_uncommitted_changes": bool(run("status", "--porcelain", "--", "mixer_jax"))}
 
 
 def build(args, create_model):
@@ -72,7 +84,7 @@ def main(argv=None) -> int:
   ours, rest = parser.parse_known_args(argv)
   try:
     args = benchmark.parse_args(rest)
-  except benchmark.BenchmarkError as e:
+  except ValueError as e:  # BenchmarkError, or an unknown variant.
     parser.error(str(e))
   if args.mode not in ("train", "eval"):
     parser.error("--mode must be train or eval.")
@@ -84,15 +96,20 @@ def main(argv=None) -> int:
     for _ in range(max(args.warmup, 1)):
       step()
   times = {name: [] for name in steps}
-  for _ in range(ours.rounds):
-    for name, step in steps.items():
+  for round_index in range(ours.rounds):
+    order = list(steps.items())
+    for name, step in (order if round_index % 2 == 0 else order[::-1]):
       for _ in range(ours.steps_per_round):
         start = time.perf_counter()
         step()
         times[name].append(time.perf_counter() - start)
   median = {name: statistics.median(t) for name, t in times.items()}
   result = {"before": ours.before, "mode": args.mode, "variant": args.variant,
-            "batch_size": args.batch_size, "rounds": ours.rounds,
+            "batch_size": args.batch_size, "image_size": args.image_size,
+            "dtype": args.dtype, "remat": args.remat, "stoch_depth": args.stoch_depth,
+            "mixup_alpha": args.mixup_alpha,
+            "model_overrides": benchmark.model_overrides(args), "warmup": args.warmup,
+            **git_state(), "rounds": ours.rounds,
             "steps_per_round": ours.steps_per_round,
             "before_step_time_s": median["before"], "after_step_time_s": median["after"],
             "speedup": median["before"] / median["after"],

@@ -116,9 +116,10 @@ class OursSide:
       self.step, self.flops = bench.run, bench.flops_per_image()
       self.num_params = bench.num_params
     else:
-      _, params, images, compiled = benchmark.forward_bench(ours_args)
+      forward, params, images, compiled = benchmark.forward_bench(ours_args)
       self.step = lambda: compiled(params, images)
-      self.flops = benchmark.compiled_flops(compiled) / args.batch_size
+      self.flops = benchmark.program_flops(forward.lower(params, images), forward, params,
+                                           images) / args.batch_size
       self.num_params = models.count_params(params)
     self.block = jax.block_until_ready
     self.info = {"num_params": self.num_params, "flops_per_image": self.flops,

@@ -98,7 +98,7 @@ def _product_columns(x, kernel):
 
 
 def _kernel_grad(x, g):
-  """sum over rows of x (R, K) outer g (R, N) -> (K, N), as autodiff writes it."""
+  """sum over rows of x (R, K) outer g (R, N) -> (K, N): the plain product."""
   return lax.dot_general(x, g, (((0,), (0,)), ((), ())))
 
 
@@ -135,19 +135,22 @@ def _dense_matmul_bwd(residuals, g):
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
-@jax.custom_vjp
-def dense_matmul_columns(x, kernel):
-  """kernel (K, N) applied to every column of x (K, R): kernel^T @ x -> (N, R)."""
-  return _product_columns(x, kernel)
-
-
 def _product_columns_cpu(x, kernel):
   return lax.optimization_barrier(kernel.T) @ x
 
 
+def _product_columns_any(x, kernel):
+  return lax.platform_dependent(x, kernel, cpu=_product_columns_cpu, default=_product_columns)
+
+
+@jax.custom_vjp
+def dense_matmul_columns(x, kernel):
+  """kernel (K, N) applied to every column of x (K, R): kernel^T @ x -> (N, R)."""
+  return _product_columns_any(x, kernel)
+
+
 def _dense_matmul_columns_fwd(x, kernel):
-  y = lax.platform_dependent(x, kernel, cpu=_product_columns_cpu, default=_product_columns)
-  return y, (x, kernel)
+  return _product_columns_any(x, kernel), (x, kernel)
 
 
 def _dense_matmul_columns_bwd(residuals, g):
@@ -178,6 +181,9 @@ class Dense(nn.Dense):
 
   @nn.compact
   def __call__(self, inputs):
+    if self.columns and inputs.ndim != 2:
+      raise ValueError(f"Dense(columns=True) takes (features, rows) inputs, got shape "
+                       f"{inputs.shape}.")
     in_features = inputs.shape[0] if self.columns else inputs.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (in_features, self.features),
                         self.param_dtype)
@@ -185,9 +191,6 @@ class Dense(nn.Dense):
             if self.use_bias else None)
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     if self.columns:
-      if inputs.ndim != 2:
-        raise ValueError(f"Dense(columns=True) takes (features, rows) inputs, got shape "
-                         f"{inputs.shape}.")
       product = _product_columns if self.forward_mode_ad else dense_matmul_columns
       bias = None if bias is None else bias[:, None]
     else:

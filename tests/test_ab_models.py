@@ -22,6 +22,7 @@ def test_before_and_after_run_in_one_process(mode, capsys):
   assert r["mode"] == mode and r["before"] == "HEAD" and r["rounds"] == 2
   assert r["before_step_time_s"] > 0 and r["after_step_time_s"] > 0
   assert r["speedup"] == pytest.approx(r["before_step_time_s"] / r["after_step_time_s"])
+  assert r["model_overrides"]["hidden_dim"] == 16 and len(r["after_commit"]) == 40
 
 
 def test_the_before_model_comes_from_the_revision():
@@ -34,6 +35,7 @@ def test_the_before_model_comes_from_the_revision():
     (["--before=no-such-revision"], "cannot read mixer_jax/models.py at 'no-such-revision'"),
     (["--before=HEAD", "--mode=input"], "--mode must be train or eval"),
     (["--before=HEAD", "--rounds=0"], "--rounds and --steps_per_round must be at least 1"),
+    (["--before=HEAD", "--variant=Q/3"], "Q/3"),
 ])
 def test_user_errors_are_one_sentence(argv, fragment, capsys):
   with pytest.raises(SystemExit) as exit_info:

@@ -44,6 +44,7 @@ def test_input_with_train_step_is_end_to_end():
     (["--steps=-1"], "--steps=-1 must be a positive integer"),
     (["--rounds=0"], "--rounds=0 must be a positive integer"),
     (["--warmup=-1"], "--warmup=-1 must be zero or positive"),
+    (["--peak_size=-2"], "--peak_size=-2 must be zero or positive"),
     (["--image_size=100"], "not divisible by the patch size 32"),
     (["--source_size=500"], "--source_size='500' must be WIDTHxHEIGHT"),
     (["--stoch_depth=1"], "--stoch_depth=1.0 must be in [0, 1)"),
@@ -97,6 +98,22 @@ def test_train_mode_json_without_tensorflow():
   assert r["model_overrides"] == {"num_blocks": 1, "hidden_dim": 16, "tokens_mlp_dim": 8,
                                   "channels_mlp_dim": 16}
   assert "images/s" in proc.stdout
+
+
+def test_flops_fall_back_to_the_jaxprs_matmuls_where_xla_cannot_count():
+  # GPU plugins cannot cost a lowered program; the jaxpr's matmul count stands in. XLA's
+  # count (on CPU) also has the element-wise work, a large share in this tiny model.
+  args = benchmark.parse_args(["--mode=train"] + TINY)
+  bench = benchmark.TrainBench(args)
+  xla = benchmark.program_flops(bench.lowered)
+
+  class NoCostAnalysis:
+    def cost_analysis(self):
+      raise NotImplementedError("Lowered.cost_analysis not implemented on platform 'gpu'.")
+
+  fallback = benchmark.program_flops(NoCostAnalysis(), bench.step, bench.state, bench.batch)
+  assert 0.75 * xla < fallback < xla
+  assert benchmark.program_flops(NoCostAnalysis()) is None
 
 
 def test_eval_mode_json(capsys):

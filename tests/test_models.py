@@ -192,11 +192,13 @@ def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
   np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
 
 
-def _lhs_contracting_dims(block, x):
-  """lhs_contracting_dims of every matmul XLA compiles for the block's gradient."""
+def _lhs_contracting_dims(block, x, gradient=True):
+  """lhs_contracting_dims of every matmul XLA compiles for the block's gradient (or
+  its forward pass alone)."""
   params = block.init(jax.random.key(0), x)
-  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1)))
-  hlo = grad.lower(params, x).compile().as_text()
+  forward = lambda p, x: jnp.sum(block.apply(p, x) ** 2)
+  fn = jax.jit(jax.grad(forward, argnums=(0, 1)) if gradient else forward)
+  hlo = fn.lower(params, x).compile().as_text()
   return re.findall(r" dot\(.*?lhs_contracting_dims=\{([\d,]*)\}", hlo)
 
 
@@ -212,6 +214,9 @@ def test_mlp_block_matmuls_contract_the_left_operand_over_its_last_axis(columns)
       models.MlpBlock(mlp_dim=64, columns=columns, forward_mode_ad=True), x)
   assert len(ours) == 6 and set(ours) == {"1"}, ours
   assert "0" in plain, plain
+  forward_only = _lhs_contracting_dims(models.MlpBlock(mlp_dim=64, columns=columns), x,
+                                       gradient=False)  # Evaluation: no custom VJP rule.
+  assert len(forward_only) == 2 and set(forward_only) == {"1"}, forward_only
 
 
 @pytest.mark.parametrize("columns", [False, True])
