@@ -118,8 +118,7 @@ class OursSide:
     else:
       forward, params, images, compiled = benchmark.forward_bench(ours_args)
       self.step = lambda: compiled(params, images)
-      self.flops = benchmark.program_flops(forward.lower(params, images), forward, params,
-                                           images) / args.batch_size
+      self.flops = benchmark.program_flops(forward, params, images) / args.batch_size
       self.num_params = models.count_params(params)
     self.block = jax.block_until_ready
     self.info = {"num_params": self.num_params, "flops_per_image": self.flops,

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
   for name in ("num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
     p.add_argument(f"--{name}", type=int, default=0,
                    help="Override of the variant's value (0 = the variant's); for tiny runs.")
-  p.add_argument("--peak_size", type=int, default=-1,
+  p.add_argument("--peak_size", type=int, default=None,
                  help="Side of the square matmul timed as this machine's peak (0 = skip; "
                       "default 2048 on CPUs, 8192 on accelerators).")
   p.add_argument("--source_size", default="500x375",
@@ -110,11 +110,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                "num_source_images"):
     if getattr(args, name) <= 0:
       raise BenchmarkError(f"--{name}={getattr(args, name)} must be a positive integer.")
-  if args.peak_size < -1:
-    raise BenchmarkError(f"--peak_size={args.peak_size} must be zero or positive.")
   for name in ("warmup", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
     if getattr(args, name) < 0:
       raise BenchmarkError(f"--{name}={getattr(args, name)} must be zero or positive.")
+  if args.peak_size is not None and args.peak_size < 0:  # None: the platform's default.
+    raise BenchmarkError(f"--peak_size={args.peak_size} must be zero or positive.")
   if args.mode == "end_to_end" and args.warmup < 1:
     raise BenchmarkError("--warmup must be at least 1 with --mode=end_to_end (the first "
                          "step compiles and fills the input pipeline).")
@@ -284,28 +284,27 @@ def matmul_flops(jaxpr) -> float:
   return total
 
 
-def program_flops(lowered, jitted=None, *args) -> Optional[float]:
-  """FLOPs of one call of a lowered program, from XLA's cost analysis before optimisation.
+def program_flops(jitted, *args, lowered=None) -> float:
+  """FLOPs of one call of `jitted(*args)`, from XLA's cost analysis before optimisation.
 
   Why not the compiled program's: after optimisation XLA on GPU turns the matmuls into
   library calls (cuBLAS, Triton) that its cost analysis does not count (a B/16 train
   step read 4.7 instead of 76 GFLOP per image on an H100). Before optimisation the count
   is the model's (on CPU within 0.1 % of the compiled one). Backends that cannot
-  analyse a lowered program (GPU plugins, jax 0.11) get `matmul_flops` of the jaxpr of
-  `jitted(*args)` instead: the matmuls alone, on CPU 1.9 % (S/32 train step) and
-  1.2 % (forward) below XLA's count, which includes element-wise work.
+  analyse a lowered program (GPU plugins, jax 0.11) get `matmul_flops` of its jaxpr
+  instead: the matmuls alone, on CPU 1.9 % (S/32 train step) and
+  1.2 % (forward) below XLA's count, which includes element-wise work. `lowered`:
+  `jitted.lower(*args)` where the caller already has it.
   """
+  import jax
   try:
-    cost = lowered.cost_analysis()
+    cost = (lowered or jitted.lower(*args)).cost_analysis()
   except NotImplementedError:
     cost = None
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
     cost = cost[0] if cost else None
   if cost and "flops" in cost:
     return float(cost["flops"])
-  if jitted is None:
-    return None
-  import jax
   return matmul_flops(jax.make_jaxpr(jitted)(*args))
 
 
@@ -363,9 +362,9 @@ class TrainBench:
     self.lowered = self.step.lower(self.state, self.batch)
     self.compiled = self.lowered.compile()
 
-  def flops_per_image(self) -> Optional[float]:
-    flops = program_flops(self.lowered, self.step, self.state, self.batch)
-    return flops / self.args.batch_size if flops is not None else None
+  def flops_per_image(self) -> float:
+    return program_flops(self.step, self.state, self.batch,
+                         lowered=self.lowered) / self.args.batch_size
 
   def run(self, batch=None):
     # The compiled executable itself: calling the jitted function would compile again.
@@ -382,15 +381,20 @@ def random_batch(args):
           "label": jax.random.randint(k2, (args.batch_size,), 0, args.num_classes)}
 
 
-def forward_bench(args):
-  """(jitted forward, params, images, compiled): the eval forward as Evaluator runs it."""
+def forward_program(args):
+  """(jitted forward, params, images): the eval forward as Evaluator runs it."""
   import jax
   from mixer_jax import models
   model = models.create_model(args.variant, args.num_classes, **model_overrides(args),
                               dtype=args.dtype)
   params = models.init_params(model, args.image_size)
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-  images = random_batch(args)["image"]
+  return forward, params, random_batch(args)["image"]
+
+
+def forward_bench(args):
+  """forward_program's (forward, params, images) and the compiled forward."""
+  forward, params, images = forward_program(args)
   return forward, params, images, forward.lower(params, images).compile()
 
 
@@ -399,8 +403,7 @@ def bench_eval(args, result):
   forward, params, images, compiled = forward_bench(args)
   times = time_steps(lambda: compiled(params, images), args.warmup, args.steps, result)
   result.update(summarize_times(times, args.batch_size))
-  flops = program_flops(forward.lower(params, images), forward, params, images)
-  result["forward_flops_per_image"] = flops / args.batch_size if flops is not None else None
+  result["forward_flops_per_image"] = program_flops(forward, params, images) / args.batch_size
   result["flops_per_image"] = result["forward_flops_per_image"]
 
 
@@ -411,9 +414,8 @@ def bench_train(args, result):
   result.update(summarize_times(times, args.batch_size))
   result["train_flops_per_image"] = bench.flops_per_image()
   result["flops_per_image"] = result["train_flops_per_image"]
-  forward, params, images, _ = forward_bench(args)
-  flops = program_flops(forward.lower(params, images), forward, params, images)
-  result["forward_flops_per_image"] = flops / args.batch_size if flops is not None else None
+  # Lowered only: nothing to run or compile.
+  result["forward_flops_per_image"] = program_flops(*forward_program(args)) / args.batch_size
 
 
 def input_config(args) -> types.SimpleNamespace:
@@ -550,7 +552,7 @@ def run(args) -> Dict[str, Any]:
       "model_overrides": model_overrides(args), "warmup": args.warmup,
       "device": device_description() if args.mode != "input" else cpu_description()}
   peak_size = args.peak_size
-  if peak_size == -1:
+  if peak_size is None:
     # A 2048 matmul keeps an H100 busy for 0.2 ms, too short to reach its peak.
     peak_size = 2048 if result["device"].get("platform", "cpu") == "cpu" else 8192
   with_peak = args.mode in ("train", "eval", "end_to_end") and peak_size

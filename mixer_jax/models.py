@@ -91,10 +91,9 @@ def _product_columns(x, kernel):
 # library (YNNPACK) only when the left operand is contracted over its last axis (A @ B
 # or A @ B^T of row-major operands). Autodiff's kernel gradients contract it over its
 # first axis, which goes to a generic matmul, 1.2-2x slower on this model's shapes
-# (BENCHMARKS.md). XLA folds a
-# plain transpose into the matmul's dimension numbers, so where a transposed copy is
-# wanted it is fenced with `lax.optimization_barrier`. Other backends (cuBLAS, TPU) take
-# transposed operands for free and get the plain products.
+# (BENCHMARKS.md). XLA folds a plain transpose into the matmul's dimension numbers, so
+# where a transposed copy is wanted it is fenced with `lax.optimization_barrier`. Other
+# backends (cuBLAS, TPU) take transposed operands for free and get the plain products.
 
 
 def _kernel_grad(x, g):
