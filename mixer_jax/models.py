@@ -39,6 +39,13 @@ LAYER_NORM_EPSILON = 1e-6
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
+def _gelu_sigmoid_arg(x):
+  """2u, with u = sqrt(2/pi) * (x + 0.044715 x^3), and d(2u)/dx."""
+  two_u = 2.0 * _SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))
+  return two_u, 2.0 * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * (x * x))
+
+
+@jax.custom_jvp
 def gelu(x):
   """GELU in its tanh approximation (the released models'), as x * sigmoid(2u).
 
@@ -46,9 +53,24 @@ def gelu(x):
   u = sqrt(2/pi) * (x + 0.044715 x^3). Why not `nn.gelu(approximate=True)`: XLA on CPU
   spreads the logistic form over every core and evaluates it about twice as fast as
   tanh (BENCHMARKS.md); in float32 the two differ by rounding only (about 1e-6).
+
+  Why a custom JVP: autodiff of this formula keeps five arrays of the MLP's hidden size
+  for the backward pass (x, sigmoid(2u), and the pieces of its derivative); the rule
+  below keeps one, gelu'(x), computed in the same pass as gelu(x). The hidden layer is
+  the largest activation of the model, so this is memory traffic saved on every
+  backend. Forward-mode autodiff (jvp, jacfwd, hessian) still works.
   """
-  u = _SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))
-  return x * jax.nn.sigmoid(2.0 * u)
+  two_u, _ = _gelu_sigmoid_arg(x)
+  return x * jax.nn.sigmoid(two_u)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  two_u, d_two_u = _gelu_sigmoid_arg(x)
+  s = jax.nn.sigmoid(two_u)
+  # d/dx [x s(2u)] = s + x s (1 - s) d(2u)/dx.
+  return x * s, (s + x * s * (1.0 - s) * d_two_u) * t
 
 
 class PatchStem(nn.Conv):
@@ -198,6 +220,68 @@ class Dense(nn.Dense):
     return y if bias is None else y + bias
 
 
+def _layer_norm_stats(x):
+  """Per-row mean and 1 / sqrt(var + eps) in float32, as flax's LayerNorm computes them."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, -1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(x * x, -1, keepdims=True) - mean * mean)
+  return mean, lax.rsqrt(var + LAYER_NORM_EPSILON)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, dtype):
+  """LayerNorm over the last axis: flax's forward, a backward that keeps only x.
+
+  The same float32 arithmetic as `nn.LayerNorm` forward. Why a custom VJP: autodiff of
+  it keeps three float32 arrays of x's size for the backward pass (in bfloat16 compute
+  that is six times x's own bytes); this rule keeps x and two numbers per row, and
+  recomputes the normalised x in the backward pass.
+  """
+  mean, rstd = _layer_norm_stats(x)
+  return ((x.astype(jnp.float32) - mean) * (rstd * scale) + bias).astype(dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, dtype):
+  mean, rstd = _layer_norm_stats(x)
+  y = ((x.astype(jnp.float32) - mean) * (rstd * scale) + bias).astype(dtype)
+  return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(dtype, residuals, g):
+  x, mean, rstd, scale = residuals
+  g = g.astype(jnp.float32)
+  x_hat = (x.astype(jnp.float32) - mean) * rstd
+  rows = tuple(range(x.ndim - 1))
+  grad_scale, grad_bias = jnp.sum(g * x_hat, rows), jnp.sum(g, rows)
+  g_hat = g * scale
+  # d/dx of (x - mean) * rstd, applied to g_hat: the mean and variance paths subtract
+  # g_hat's row mean and its projection on x_hat.
+  grad_x = rstd * (g_hat - jnp.mean(g_hat, -1, keepdims=True)
+                   - x_hat * jnp.mean(g_hat * x_hat, -1, keepdims=True))
+  return grad_x.astype(x.dtype), grad_scale, grad_bias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.LayerNorm):
+  """`nn.LayerNorm` over the last axis (same name, parameters, forward) via `layer_norm`.
+
+  With `forward_mode_ad=True` it is flax's own (see `Dense`).
+  """
+  forward_mode_ad: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.forward_mode_ad:
+      return super().__call__(x)
+    features = (x.shape[-1],)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    return layer_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), jnp.dtype(dtype))
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dense back to the input width (`Dense_0`, `Dense_1`).
 
@@ -221,20 +305,30 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-def drop_path(x, rate: float, rng) -> jax.Array:
+def drop_path(x, rate: float, rng, batch_axis: int = 0) -> jax.Array:
   """Stochastic depth: zero a residual branch per example, rescale the kept ones.
 
   Kept branches are divided by the survival probability (1 - rate), as in timm's
   DropPath and big_vision, so the expected branch output at training equals the
   deterministic output at evaluation and no rescaling is needed at test time.
+  `batch_axis`: the axis of x that indexes the examples.
   """
   keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  mask = jax.random.bernoulli(rng, keep, (x.shape[batch_axis],))
+  mask = mask.reshape([-1 if i == batch_axis else 1 for i in range(x.ndim)])
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 class MixerBlock(nn.Module):
-  """x += token_mixing(LN(x)^T)^T ; x += channel_mixing(LN(x))."""
+  """x += token_mixing(LN(x)) ; x += channel_mixing(LN(x)), on token-major x.
+
+  x is (tokens, batch, channels): the layout MlpMixer keeps its residual stream in.
+  Token mixing acts on the columns of each image's (tokens, channels) table; in this
+  layout all of the batch's columns side by side are one (tokens, batch * channels)
+  matrix, free to reshape, that the MLP multiplies from the left. Channel mixing acts
+  on the last axis as usual. So no block moves data between the two mixings: with
+  (batch, tokens, channels) each block would transpose twice forward and twice back.
+  """
   tokens_mlp_dim: int
   channels_mlp_dim: int
   stoch_depth: float = 0.0  # This block's drop rate.
@@ -244,23 +338,20 @@ class MixerBlock(nn.Module):
 
   def _residual(self, x, branch, train):
     if train and self.stoch_depth > 0.0:
-      branch = drop_path(branch, self.stoch_depth, self.make_rng("dropout"))
+      branch = drop_path(branch, self.stoch_depth, self.make_rng("dropout"), batch_axis=1)
     return x + branch
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    # x: (batch, tokens, channels). `train` is positional so nn.remat can mark it static.
-    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    # Token mixing acts on the columns of each image's (tokens, channels) table. All of
-    # the batch's columns side by side make one (tokens, batch * channels) matrix that
-    # the MLP multiplies from the left: moving whole channel rows is a cheaper
-    # relayout than transposing each image, and the matmuls get row-major operands.
-    b, s, c = y.shape
-    y = jnp.transpose(y, (1, 0, 2)).reshape(s, b * c)
+    # `train` is positional so nn.remat can mark it static.
+    s, b, c = x.shape
+    y = LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
+                  forward_mode_ad=self.forward_mode_ad)(x)
     y = MlpBlock(self.tokens_mlp_dim, self.dropout, self.dtype, self.forward_mode_ad,
-                 columns=True, name="token_mixing")(y, train=train)
-    x = self._residual(x, jnp.transpose(y.reshape(s, b, c), (1, 0, 2)), train)
-    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32)(x)
+                 columns=True, name="token_mixing")(y.reshape(s, b * c), train=train)
+    x = self._residual(x, y.reshape(s, b, c), train)
+    y = LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
+                  forward_mode_ad=self.forward_mode_ad)(x)
     y = MlpBlock(self.channels_mlp_dim, self.dropout, self.dtype, self.forward_mode_ad,
                  name="channel_mixing")(y, train=train)
     return self._residual(x, y, train)
@@ -303,17 +394,18 @@ class MlpMixer(nn.Module):
                   dtype=self.dtype, param_dtype=jnp.float32,
                   forward_mode_ad=self.forward_mode_ad, name="stem")(images)
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Row-major raster order.
+    x = jnp.transpose(x, (1, 0, 2))  # Token-major (tokens, batch, channels): see MixerBlock.
     # static_argnums counts `self`: argument 2 is `train`.
     block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
     for i in range(self.num_blocks):
       rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
       x = block_cls(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
                     self.dtype, self.forward_mode_ad, name=f"MixerBlock_{i}")(x, train)
-    x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
-                     name="pre_head_layer_norm")(x)
+    x = LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
+                  forward_mode_ad=self.forward_mode_ad, name="pre_head_layer_norm")(x)
     if return_tokens:
-      return x.astype(jnp.float32)
-    x = jnp.mean(x, axis=1)
+      return jnp.transpose(x, (1, 0, 2)).astype(jnp.float32)
+    x = jnp.mean(x, axis=0)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                    kernel_init=nn.initializers.zeros,

@@ -172,6 +172,55 @@ def test_dense_equals_flax_dense_in_value_and_gradients(features, columns):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_equals_flax_layer_norm_in_value_and_gradients(dtype):
+  # models.LayerNorm has its own backward pass; its parameters, outputs and gradients
+  # must still be nn.LayerNorm's.
+  import flax.linen as nn
+  x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 16))).astype(dtype)
+  kw = dict(epsilon=models.LAYER_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32)
+  ours, theirs = models.LayerNorm(**kw), nn.LayerNorm(**kw)
+  params = ours.init(jax.random.key(1), x)
+  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+      jnp.shape, theirs.init(jax.random.key(1), x))
+  params = jax.tree_util.tree_map(  # Not the identity: scale 1 and bias 0 hide mistakes.
+      lambda p: p + jax.random.normal(jax.random.key(p.size), p.shape), params)
+  y = ours.apply(params, x)
+  assert y.dtype == dtype
+  np.testing.assert_array_equal(y, theirs.apply(params, x))  # The same arithmetic.
+  weights = jax.random.normal(jax.random.key(2), x.shape)
+  loss = lambda module: lambda p, x: jnp.sum(weights * module.apply(p, x).astype(jnp.float32))
+  tol = dict(rtol=1e-4, atol=1e-4) if dtype == jnp.float32 else dict(rtol=0.02, atol=0.05)
+  ours_grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  flax_grads = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(ours_grads), jax.tree_util.tree_leaves(flax_grads)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def test_gelu_derivatives_equal_the_tanh_formulas():
+  x = jnp.linspace(-8.0, 8.0, 2001)
+  tanh_form = lambda x: jax.nn.gelu(x, approximate=True)
+  for f, g in [(models.gelu, tanh_form), (jax.grad(models.gelu), jax.grad(tanh_form)),
+               (jax.grad(jax.grad(models.gelu)), jax.grad(jax.grad(tanh_form)))]:
+    np.testing.assert_allclose(jax.vmap(f)(x), jax.vmap(g)(x), rtol=1e-4, atol=5e-5)
+
+
+def test_backward_pass_keeps_no_float32_activations_in_bfloat16():
+  # What the train step keeps from forward to backward, in bfloat16 compute: no float32
+  # array of the activations' size (LayerNorm's autodiff kept three per norm), and one
+  # array of the MLP hidden size per GELU besides the Dense input (autodiff kept five).
+  model = _tiny(dtype="bfloat16", num_blocks=1)
+  params = models.init_params(model, 16)
+  images = jnp.zeros((2, 16, 16, 3))
+  _, vjp = jax.vjp(lambda p: model.apply({"params": p}, images, train=True), params)
+  kept = [a for a in jax.tree_util.tree_leaves(vjp) if hasattr(a, "dtype")]
+  activation = 2 * 16 * 8  # batch x tokens x channels
+  assert not [a.shape for a in kept if a.dtype == jnp.float32 and a.size >= activation]
+  channel_hidden = [a for a in kept if a.shape == (16, 2, 12)]  # tokens x batch x hidden
+  assert len(channel_hidden) == 2, [a.shape for a in channel_hidden]
+
+
 def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   default, forward = _tiny(), _tiny(forward_mode_ad=True)
@@ -294,12 +343,13 @@ def random_params(model, image_size, seed=0):
 def test_one_block_matches_numpy_formula():
   block = models.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12)
   x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
-  shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"]
+  shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x.transpose(1, 0, 2)))["params"]
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(1)
   params = jax.tree_util.tree_unflatten(
       treedef, [rng.normal(0, 0.5, s.shape).astype(np.float32) for s in leaves])
-  got = block.apply({"params": params}, x)
+  # The block takes the token-major layout (tokens, batch, channels).
+  got = block.apply({"params": params}, x.transpose(1, 0, 2)).transpose(1, 0, 2)
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   np.testing.assert_allclose(got, np_mixer_block(x.astype(np.float64), p64), rtol=2e-5, atol=2e-5)
 
