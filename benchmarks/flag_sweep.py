@@ -30,6 +30,7 @@ CANDIDATES = {
     "tanh_gelu": ("", "tanh_gelu"),
     "autodiff_gelu": ("", "autodiff_gelu"),
     "flax_layer_norm": ("", "flax_layer_norm"),
+    "unfused_bias_gelu": ("", "unfused_bias_gelu"),
     "cublaslt_tanh_gelu": ("--xla_gpu_enable_cublaslt=true", "tanh_gelu"),
     # Triton for every matmul, so XLA may fuse element-wise producers into them.
     "triton_gemm_any": ("--xla_gpu_triton_gemm_any=true", None),
@@ -51,6 +52,8 @@ def apply_code_variant(name):
     models.gelu = models.gelu.fun
   elif name == "flax_layer_norm":  # models.layer_norm without its custom VJP rule.
     models.layer_norm = models.layer_norm.fun
+  elif name == "unfused_bias_gelu":  # gelu(y + bias) by autodiff (gelu's own JVP rule).
+    models.bias_gelu = models.bias_gelu.fun
   elif name:
     raise SystemExit(f"flag_sweep.py: unknown code variant {name!r}.")
 

@@ -45,6 +45,13 @@ def _gelu_sigmoid_arg(x):
   return two_u, 2.0 * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * (x * x))
 
 
+def _gelu_and_derivative(x):
+  """gelu(x) and gelu'(x): d/dx [x s(2u)] = s + x s (1 - s) d(2u)/dx, s = sigmoid(2u)."""
+  two_u, d_two_u = _gelu_sigmoid_arg(x)
+  s = jax.nn.sigmoid(two_u)
+  return x * s, s + x * s * (1.0 - s) * d_two_u
+
+
 @jax.custom_jvp
 def gelu(x):
   """GELU in its tanh approximation (the released models'), as x * sigmoid(2u).
@@ -54,11 +61,11 @@ def gelu(x):
   spreads the logistic form over every core and evaluates it about twice as fast as
   tanh (BENCHMARKS.md); in float32 the two differ by rounding only (about 1e-6).
 
-  Why a custom JVP: autodiff of this formula keeps five arrays of the MLP's hidden size
-  for the backward pass (x, sigmoid(2u), and the pieces of its derivative); the rule
-  below keeps one, gelu'(x), computed in the same pass as gelu(x). The hidden layer is
-  the largest activation of the model, so this is memory traffic saved on every
-  backend. Forward-mode autodiff (jvp, jacfwd, hessian) still works.
+  Why a custom JVP: autodiff of this formula hands the backward pass five arrays of
+  the MLP's hidden size (x, sigmoid(2u) and the pieces of its derivative); the rule
+  below hands it one, gelu'(x). XLA on GPU recomputes such pieces itself (no speed
+  change on an H100); on CPU the train step's temporary memory falls (BENCHMARKS.md).
+  Forward-mode autodiff (jvp, jacfwd, hessian) still works.
   """
   two_u, _ = _gelu_sigmoid_arg(x)
   return x * jax.nn.sigmoid(two_u)
@@ -67,10 +74,43 @@ def gelu(x):
 @gelu.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  two_u, d_two_u = _gelu_sigmoid_arg(x)
-  s = jax.nn.sigmoid(two_u)
-  # d/dx [x s(2u)] = s + x s (1 - s) d(2u)/dx.
-  return x * s, (s + x * s * (1.0 - s) * d_two_u) * t
+  y, derivative = _gelu_and_derivative(x)
+  return y, derivative * t
+
+
+def _sum_to_shape(x, shape):
+  """Sums x over the axes that `shape` (right-aligned, as in broadcasting) lacks or has as 1."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                    if n == 1 and x.shape[lead + i] != 1)
+  return jnp.sum(x, axes).reshape(shape)
+
+
+@jax.custom_vjp
+def bias_gelu(y, bias):
+  """gelu(y + bias), whose backward pass keeps y (the matmul's output) and the bias.
+
+  Why: autodiff would keep gelu'(y + bias), an array the forward pass must write
+  besides the activation itself; y already exists. So the forward pass writes one
+  array of the MLP's hidden size instead of two, and the backward pass reads y instead
+  of the derivative and recomputes it. The hidden layer is the largest activation of
+  the model, and on GPUs these element-wise passes are bound by memory bandwidth.
+  """
+  return gelu(y + bias)
+
+
+def _bias_gelu_fwd(y, bias):
+  return gelu(y + bias), (y, bias)
+
+
+def _bias_gelu_bwd(residuals, g):
+  y, bias = residuals
+  _, derivative = _gelu_and_derivative(y + bias)
+  grad = g * derivative
+  return grad, _sum_to_shape(grad, bias.shape)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 class PatchStem(nn.Conv):
@@ -81,8 +121,13 @@ class PatchStem(nn.Conv):
   this strided conv and its kernel gradient far below matmul speed, while the
   equivalent (B*N, P*P*3) x (P*P*3, C) product runs near it. Equal to the conv up to
   float32 summation order. The product is `Dense`'s (see there for `forward_mode_ad`).
+
+  `token_major=True` returns the tokens in MlpMixer's layout, (H/p * W/p, B, C) in
+  row-major raster order, instead of the conv's (B, H/p, W/p, C): the patches are
+  gathered in that order, so no transpose of the output is needed.
   """
   forward_mode_ad: bool = False
+  token_major: bool = False
 
   @nn.compact
   def __call__(self, images):
@@ -95,8 +140,11 @@ class PatchStem(nn.Conv):
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
     # (B, H, W, c) -> (B, H/p, W/p, p, p, c): each row a patch in the kernel's (p, p, c) order.
-    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b, h // p, w // p, p * p * c)
+    patches = images.reshape(b, h // p, p, w // p, p, c)
+    if self.token_major:  # (H/p, W/p, B, p, p, c) -> (tokens, B, patch).
+      patches = patches.transpose(1, 3, 0, 2, 4, 5).reshape((h // p) * (w // p), b, p * p * c)
+    else:
+      patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
     product = _product if self.forward_mode_ad else dense_matmul
     return product(patches, kernel.reshape(p * p * c, self.features)) + bias
 
@@ -193,11 +241,15 @@ class Dense(nn.Dense):
   returns (self.features, rows): the same layer applied to every column (token mixing
   lays the batch out that way, see MixerBlock).
 
+  `gelu=True` applies GELU after the bias, through `bias_gelu` (the bias is then
+  required).
+
   A custom VJP has no forward-mode derivative: with `forward_mode_ad=True` the products
   are plain `dot_general`s, so that jax.jvp, jax.jacfwd and jax.hessian work (the
   train step is then slower on CPUs).
   """
   columns: bool = False
+  gelu: bool = False
   forward_mode_ad: bool = False
 
   @nn.compact
@@ -217,6 +269,10 @@ class Dense(nn.Dense):
     else:
       product = _product if self.forward_mode_ad else dense_matmul
     y = product(inputs, kernel)
+    if self.gelu:
+      if bias is None:
+        raise ValueError("Dense(gelu=True) needs use_bias=True.")
+      return gelu(y + bias) if self.forward_mode_ad else bias_gelu(y, bias)
     return y if bias is None else y + bias
 
 
@@ -298,8 +354,7 @@ class MlpBlock(nn.Module):
     width = x.shape[0] if self.columns else x.shape[-1]
     dense = functools.partial(Dense, dtype=self.dtype, param_dtype=jnp.float32,
                               columns=self.columns, forward_mode_ad=self.forward_mode_ad)
-    y = dense(self.mlp_dim)(x)
-    y = gelu(y)
+    y = dense(self.mlp_dim, gelu=True)(x)  # GELU fused with the bias (see bias_gelu).
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = dense(width)(y)
     return nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -392,9 +447,9 @@ class MlpMixer(nn.Module):
     x = PatchStem(self.hidden_dim, (self.patch_size, self.patch_size),
                   strides=(self.patch_size, self.patch_size), padding="VALID",
                   dtype=self.dtype, param_dtype=jnp.float32,
-                  forward_mode_ad=self.forward_mode_ad, name="stem")(images)
-    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Row-major raster order.
-    x = jnp.transpose(x, (1, 0, 2))  # Token-major (tokens, batch, channels): see MixerBlock.
+                  forward_mode_ad=self.forward_mode_ad, token_major=True, name="stem")(images)
+    # x: token-major (tokens, batch, channels), tokens in row-major raster order; see
+    # MixerBlock for why.
     # static_argnums counts `self`: argument 2 is `train`.
     block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
     for i in range(self.num_blocks):

@@ -208,8 +208,9 @@ def test_gelu_derivatives_equal_the_tanh_formulas():
 
 def test_backward_pass_keeps_no_float32_activations_in_bfloat16():
   # What the train step keeps from forward to backward, in bfloat16 compute: no float32
-  # array of the activations' size (LayerNorm's autodiff kept three per norm), and one
-  # array of the MLP hidden size per GELU besides the Dense input (autodiff kept five).
+  # array of the activations' size (LayerNorm's autodiff kept three per norm), and two
+  # arrays of the MLP hidden size (autodiff kept five): the first Dense's output, which
+  # the GELU's backward pass reads, and the GELU's output, the second Dense's input.
   model = _tiny(dtype="bfloat16", num_blocks=1)
   params = models.init_params(model, 16)
   images = jnp.zeros((2, 16, 16, 3))
@@ -219,6 +220,25 @@ def test_backward_pass_keeps_no_float32_activations_in_bfloat16():
   assert not [a.shape for a in kept if a.dtype == jnp.float32 and a.size >= activation]
   channel_hidden = [a for a in kept if a.shape == (16, 2, 12)]  # tokens x batch x hidden
   assert len(channel_hidden) == 2, [a.shape for a in channel_hidden]
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_dense_with_fused_gelu_equals_gelu_after_dense(columns):
+  x = jax.random.normal(jax.random.key(0), (6, 20) if columns else (4, 5, 6))
+  fused, plain = models.Dense(7, columns=columns, gelu=True), models.Dense(7, columns=columns)
+  params = plain.init(jax.random.key(1), x)
+  params = jax.tree_util.tree_map(lambda p: p + 0.3, params)  # A non-zero bias.
+  plain_apply = lambda p, x: models.gelu(plain.apply(p, x))
+  np.testing.assert_allclose(fused.apply(params, x), plain_apply(params, x), rtol=1e-6,
+                             atol=1e-6)
+  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(3.0 * apply(p, x)))
+  fused_grads = jax.grad(loss(fused.apply), argnums=(0, 1))(params, x)
+  plain_grads = jax.grad(loss(plain_apply), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(fused_grads), jax.tree_util.tree_leaves(plain_grads)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="use_bias"):
+    models.Dense(7, gelu=True, use_bias=False).init(jax.random.key(0), x)
 
 
 def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
