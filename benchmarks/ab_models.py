@@ -34,13 +34,21 @@ from mixer_jax import benchmark, models  # noqa: E402
 
 
 def load_models_at(revision: str):
-  """mixer_jax/models.py as of `revision`, imported as a separate module."""
-  try:
-    source = subprocess.run(["git", "show", f"{revision}:mixer_jax/models.py"],
-                            cwd=_REPO_ROOT, check=True, capture_output=True, text=True).stdout
-  except subprocess.CalledProcessError as e:
-    raise SystemExit(f"ab_models.py: cannot read mixer_jax/models.py at {revision!r} "
-                     f"({e.stderr.strip()}); pass a commit of this repository.")
+  """mixer_jax/models.py as of `revision` (or a models.py file), as a separate module."""
+  if revision.endswith(".py") and os.path.isfile(revision):
+    # A copy of models.py: for a checkout whose git history lacks the revision (the
+    # copy can be written with `git show REV:mixer_jax/models.py > before_models.py`).
+    with open(revision) as f:
+      source = f.read()
+    revision = os.path.basename(revision)[:-3]
+  else:
+    try:
+      source = subprocess.run(["git", "show", f"{revision}:mixer_jax/models.py"],
+                              cwd=_REPO_ROOT, check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as e:
+      raise SystemExit(f"ab_models.py: cannot read mixer_jax/models.py at {revision!r} "
+                       f"({e.stderr.strip()}); pass a commit of this repository or a "
+                       "models.py file.")
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(source)
   try:
@@ -78,7 +86,8 @@ def build(args, create_model):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--before", required=True, help="git revision of the baseline models.py")
+  parser.add_argument("--before", required=True,
+                      help="git revision of the baseline models.py, or a models.py file")
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--steps_per_round", type=int, default=3)
   ours, rest = parser.parse_known_args(argv)

@@ -4,13 +4,17 @@
 # 1. the benchmark command (train; eval after the profile); 2. this tree's model code against BEFORE's in one
 # process (ab_models); 3. a kernel-level profile of the train step; 4. XLA flag sets and
 # code variants (flag_sweep), until the time budget (default 450 s) is spent.
-# ARGS / BEFORE override the model arguments and the revision compared against.
+# ARGS overrides the model arguments. BEFORE names the baseline of step 2 (skipped when
+# unset): a revision, or a models.py file in the tree, since the device copy's git
+# history can end before your commits:
+#   git show REV:mixer_jax/models.py > benchmarks/before_models.py   # untracked: it travels
+#   BEFORE=benchmarks/before_models.py OUT=... bash benchmarks/gpu_check.sh
 set -u
 budget=${1:-450}
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 ARGS=${ARGS:-"--variant=B/16 --batch_size=256 --dtype=bfloat16"}
-BEFORE=${BEFORE:-5e97e2d}
+BEFORE=${BEFORE:-}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 # Programs compiled once are reused by later processes (the same program, same flags).
@@ -20,8 +24,10 @@ mkdir -p "$OUT/prof"
 nvidia-smi -L; $PY -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"
 echo "== benchmark (left $(left) s)"
 timeout 150 $PY -m mixer_jax.benchmark $ARGS --mode=train --steps=30 2>&1 | tee "$OUT/bench_train.txt" | tail -20
-echo "== ab_models --before=$BEFORE (left $(left) s)"
-timeout 200 $PY benchmarks/ab_models.py --before="$BEFORE" --mode=train --rounds=4 $ARGS 2>&1 | tee "$OUT/ab_train.txt" | tail -3
+if [ -n "$BEFORE" ]; then
+  echo "== ab_models --before=$BEFORE (left $(left) s)"
+  timeout 200 $PY benchmarks/ab_models.py --before="$BEFORE" --mode=train --rounds=4 $ARGS 2>&1 | tee "$OUT/ab_train.txt" | tail -3
+fi
 echo "== profile (left $(left) s)"
 timeout 150 $PY benchmarks/profile_step.py --out="$OUT/prof" $ARGS --mode=train --top=40 2>&1 | tail -45
 trace=$(find "$OUT/prof/trace" -name '*.xplane.pb' | head -1)

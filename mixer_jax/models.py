@@ -104,7 +104,9 @@ def _bias_gelu_fwd(y, bias):
 
 
 def _bias_gelu_bwd(residuals, g):
-  y, bias = residuals
+  # The barrier stops XLA from merging this recomputation with the forward pass's
+  # (common-subexpression elimination), which would keep its intermediates instead.
+  y, bias = lax.optimization_barrier(residuals)
   _, derivative = _gelu_and_derivative(y + bias)
   grad = g * derivative
   return grad, _sum_to_shape(grad, bias.shape)

@@ -31,6 +31,14 @@ def test_the_before_model_comes_from_the_revision():
   assert before.create_model is not ab_models.models.create_model
 
 
+def test_the_before_model_can_be_a_file(tmp_path):
+  # For checkouts whose git history lacks the revision (a copied working tree).
+  path = tmp_path / "before_models.py"
+  path.write_text("MARK = 7\ndef create_model(*a, **k):\n  return MARK\n")
+  before = ab_models.load_models_at(str(path))
+  assert before.MARK == 7 and before.create_model() == 7
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--before=no-such-revision"], "cannot read mixer_jax/models.py at 'no-such-revision'"),
     (["--before=HEAD", "--mode=input"], "--mode must be train or eval"),
