@@ -278,16 +278,16 @@ class Dense(nn.Dense):
     return y if bias is None else y + bias
 
 
-def _layer_norm_stats(x):
+def _layer_norm_stats(x, epsilon):
   """Per-row mean and 1 / sqrt(var + eps) in float32, as flax's LayerNorm computes them."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, -1, keepdims=True)
   var = jnp.maximum(0.0, jnp.mean(x * x, -1, keepdims=True) - mean * mean)
-  return mean, lax.rsqrt(var + LAYER_NORM_EPSILON)
+  return mean, lax.rsqrt(var + epsilon)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, epsilon, dtype):
   """LayerNorm over the last axis: flax's forward, a backward that keeps only x.
 
   The same float32 arithmetic as `nn.LayerNorm` forward. Why a custom VJP: autodiff of
@@ -297,17 +297,17 @@ def layer_norm(x, scale, bias, dtype):
   them (no speed change on an H100); on CPU the B/16 train step's temporary memory fell
   by 8 % with this rule and gelu's (BENCHMARKS.md).
   """
-  mean, rstd = _layer_norm_stats(x)
+  mean, rstd = _layer_norm_stats(x, epsilon)
   return ((x.astype(jnp.float32) - mean) * (rstd * scale) + bias).astype(dtype)
 
 
-def _layer_norm_fwd(x, scale, bias, dtype):
-  mean, rstd = _layer_norm_stats(x)
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  mean, rstd = _layer_norm_stats(x, epsilon)
   y = ((x.astype(jnp.float32) - mean) * (rstd * scale) + bias).astype(dtype)
   return y, (x, mean, rstd, scale)
 
 
-def _layer_norm_bwd(dtype, residuals, g):
+def _layer_norm_bwd(epsilon, dtype, residuals, g):
   x, mean, rstd, scale = residuals
   g = g.astype(jnp.float32)
   x_hat = (x.astype(jnp.float32) - mean) * rstd
@@ -327,19 +327,26 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 class LayerNorm(nn.LayerNorm):
   """`nn.LayerNorm` over the last axis (same name, parameters, forward) via `layer_norm`.
 
-  With `forward_mode_ad=True` it is flax's own (see `Dense`).
+  With `forward_mode_ad=True` (see `Dense`), or any setting but flax's defaults besides
+  `epsilon`, `dtype` and `param_dtype` and the initialisers, it is flax's own.
   """
   forward_mode_ad: bool = False
 
+  def _flax_defaults(self):
+    return (self.use_bias and self.use_scale and self.use_fast_variance
+            and self.reduction_axes == -1 and self.feature_axes == -1
+            and self.axis_name is None and self.force_float32_reductions)
+
   @nn.compact
   def __call__(self, x):
-    if self.forward_mode_ad:
+    if self.forward_mode_ad or not self._flax_defaults():
       return super().__call__(x)
     features = (x.shape[-1],)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
     bias = self.param("bias", self.bias_init, features, self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale, bias)
-    return layer_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), jnp.dtype(dtype))
+    return layer_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                      float(self.epsilon), jnp.dtype(dtype))
 
 
 class MlpBlock(nn.Module):

@@ -172,13 +172,17 @@ def test_dense_equals_flax_dense_in_value_and_gradients(features, columns):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_norm_equals_flax_layer_norm_in_value_and_gradients(dtype):
+@pytest.mark.parametrize("dtype,epsilon,extra", [
+    (jnp.float32, models.LAYER_NORM_EPSILON, {}), (jnp.bfloat16, models.LAYER_NORM_EPSILON, {}),
+    (jnp.float32, 0.5, {}),  # The module's epsilon is the one used.
+    (jnp.float32, 1e-6, {"use_bias": False}),  # Other settings: flax's own LayerNorm.
+])
+def test_layer_norm_equals_flax_layer_norm_in_value_and_gradients(dtype, epsilon, extra):
   # models.LayerNorm has its own backward pass; its parameters, outputs and gradients
   # must still be nn.LayerNorm's.
   import flax.linen as nn
   x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 16))).astype(dtype)
-  kw = dict(epsilon=models.LAYER_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32)
+  kw = dict(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, **extra)
   ours, theirs = models.LayerNorm(**kw), nn.LayerNorm(**kw)
   params = ours.init(jax.random.key(1), x)
   assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
