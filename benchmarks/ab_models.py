@@ -35,7 +35,10 @@ from mixer_jax import benchmark, models  # noqa: E402
 
 def load_models_at(revision: str):
   """mixer_jax/models.py as of `revision` (or a models.py file), as a separate module."""
-  if revision.endswith(".py") and os.path.isfile(revision):
+  if revision.endswith(".py"):
+    if not os.path.isfile(revision):
+      raise SystemExit(f"ab_models.py: no file {revision!r}; pass a models.py file or a "
+                       "commit of this repository.")
     # A copy of models.py: for a checkout whose git history lacks the revision (the
     # copy can be written with `git show REV:mixer_jax/models.py > before_models.py`).
     with open(revision) as f:

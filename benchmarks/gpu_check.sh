@@ -10,7 +10,11 @@
 #   git show REV:mixer_jax/models.py > benchmarks/before_models.py   # untracked: it travels
 #   BEFORE=benchmarks/before_models.py OUT=... bash benchmarks/gpu_check.sh
 set -u
+: "${OUT:?set OUT to the folder for the results}"
 budget=${1:-450}
+case $budget in ''|*[!0-9]*) echo "gpu_check.sh: the budget must be whole seconds, got '$budget'." >&2; exit 2;; esac
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 ARGS=${ARGS:-"--variant=B/16 --batch_size=256 --dtype=bfloat16"}
@@ -37,8 +41,9 @@ echo "== eval (left $(left) s)"
 timeout 100 $PY -m mixer_jax.benchmark $ARGS --mode=eval --steps=30 --peak_size=0 2>&1 | tee "$OUT/bench_eval.txt" | grep -v '^{'
 echo "== flag sweep (left $(left) s)"
 deadline=$(( $(left) - 60 ))
+[ $deadline -gt 0 ] || echo "no time left for the flag sweep"
 [ $deadline -gt 0 ] && timeout $(( $(left) > 0 ? $(left) : 1 )) $PY benchmarks/flag_sweep.py \
   --deadline_s=$deadline --timeout_s=100 --json_out="$OUT/sweep.json" \
-  --candidates=${CANDIDATES:-autodiff_gelu,flax_layer_norm,cublaslt,triton_gemm_any,cudnn_gemm_fusion,cublaslt_tanh_gelu,no_command_buffer,all_fusions_triton} \
+  --candidates=${CANDIDATES:-unfused_bias_gelu,flax_layer_norm,cublaslt,triton_gemm_any,cudnn_gemm_fusion,cublaslt_tanh_gelu,no_command_buffer,all_fusions_triton} \
   -- $ARGS --mode=train --steps=20 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
 echo "== done after $(( $(date +%s) - start )) s"

@@ -95,6 +95,9 @@ def main(argv=None) -> int:
   if args.mode not in ("train", "eval"):
     print("Error: profile_step.py profiles --mode=train or --mode=eval.", file=sys.stderr)
     return 2
+  if own.profile_steps < 1:
+    print(f"Error: --profile_steps={own.profile_steps} must be at least 1.", file=sys.stderr)
+    return 2
   import jax
   from jax.profiler import ProfileData
   os.makedirs(own.out, exist_ok=True)
@@ -113,6 +116,9 @@ def main(argv=None) -> int:
     for _ in range(own.profile_steps):
       jax.block_until_ready(step())
   traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+  if not traces:
+    print(f"Error: jax.profiler wrote no trace under {trace_dir}.", file=sys.stderr)
+    return 1
   summary = summarize(device_lines(ProfileData.from_file(traces[-1])), own.profile_steps)
   memory = compiled.memory_analysis()
   result = {"mode": args.mode, "variant": args.variant, "batch_size": args.batch_size,

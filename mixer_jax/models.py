@@ -109,7 +109,8 @@ def _bias_gelu_bwd(residuals, g):
   y, bias = lax.optimization_barrier(residuals)
   _, derivative = _gelu_and_derivative(y + bias)
   grad = g * derivative
-  return grad, _sum_to_shape(grad, bias.shape)
+  return (_sum_to_shape(grad, y.shape).astype(y.dtype),
+          _sum_to_shape(grad, bias.shape).astype(bias.dtype))
 
 
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
@@ -123,13 +124,8 @@ class PatchStem(nn.Conv):
   this strided conv and its kernel gradient far below matmul speed, while the
   equivalent (B*N, P*P*3) x (P*P*3, C) product runs near it. Equal to the conv up to
   float32 summation order. The product is `Dense`'s (see there for `forward_mode_ad`).
-
-  `token_major=True` returns the tokens in MlpMixer's layout, (H/p * W/p, B, C) in
-  row-major raster order, instead of the conv's (B, H/p, W/p, C): the patches are
-  gathered in that order, so no transpose of the output is needed.
   """
   forward_mode_ad: bool = False
-  token_major: bool = False
 
   @nn.compact
   def __call__(self, images):
@@ -142,11 +138,8 @@ class PatchStem(nn.Conv):
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
     # (B, H, W, c) -> (B, H/p, W/p, p, p, c): each row a patch in the kernel's (p, p, c) order.
-    patches = images.reshape(b, h // p, p, w // p, p, c)
-    if self.token_major:  # (H/p, W/p, B, p, p, c) -> (tokens, B, patch).
-      patches = patches.transpose(1, 3, 0, 2, 4, 5).reshape((h // p) * (w // p), b, p * p * c)
-    else:
-      patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, h // p, w // p, p * p * c)
     product = _product if self.forward_mode_ad else dense_matmul
     return product(patches, kernel.reshape(p * p * c, self.features)) + bias
 
@@ -327,8 +320,9 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 class LayerNorm(nn.LayerNorm):
   """`nn.LayerNorm` over the last axis (same name, parameters, forward) via `layer_norm`.
 
-  With `forward_mode_ad=True` (see `Dense`), or any setting but flax's defaults besides
-  `epsilon`, `dtype` and `param_dtype` and the initialisers, it is flax's own.
+  With `forward_mode_ad=True` (see `Dense`), float64 inputs, or any setting but flax's
+  defaults besides `epsilon`, `dtype`, `param_dtype` and the initialisers, it is
+  flax's own.
   """
   forward_mode_ad: bool = False
 
@@ -339,7 +333,8 @@ class LayerNorm(nn.LayerNorm):
 
   @nn.compact
   def __call__(self, x):
-    if self.forward_mode_ad or not self._flax_defaults():
+    # float64 inputs: flax computes in float64, layer_norm in float32.
+    if self.forward_mode_ad or not self._flax_defaults() or jnp.dtype(x.dtype).itemsize > 4:
       return super().__call__(x)
     features = (x.shape[-1],)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
@@ -371,31 +366,20 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-def drop_path(x, rate: float, rng, batch_axis: int = 0) -> jax.Array:
+def drop_path(x, rate: float, rng) -> jax.Array:
   """Stochastic depth: zero a residual branch per example, rescale the kept ones.
 
   Kept branches are divided by the survival probability (1 - rate), as in timm's
   DropPath and big_vision, so the expected branch output at training equals the
   deterministic output at evaluation and no rescaling is needed at test time.
-  `batch_axis`: the axis of x that indexes the examples.
   """
   keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[batch_axis],))
-  mask = mask.reshape([-1 if i == batch_axis else 1 for i in range(x.ndim)])
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 class MixerBlock(nn.Module):
-  """x += token_mixing(LN(x)) ; x += channel_mixing(LN(x)), on token-major x.
-
-  x is (tokens, batch, channels): the layout MlpMixer keeps its residual stream in.
-  Token mixing acts on the columns of each image's (tokens, channels) table; in this
-  layout all of the batch's columns side by side are one (tokens, batch * channels)
-  matrix, free to reshape, that the MLP multiplies from the left. Channel mixing acts
-  on the last axis as usual. So no block moves data between the two mixings: with
-  (batch, tokens, channels) each block would transpose twice forward and twice back.
-  (XLA on GPU picks its own layouts; there this measured the same speed.)
-  """
+  """x += token_mixing(LN(x)^T)^T ; x += channel_mixing(LN(x))."""
   tokens_mlp_dim: int
   channels_mlp_dim: int
   stoch_depth: float = 0.0  # This block's drop rate.
@@ -405,18 +389,26 @@ class MixerBlock(nn.Module):
 
   def _residual(self, x, branch, train):
     if train and self.stoch_depth > 0.0:
-      branch = drop_path(branch, self.stoch_depth, self.make_rng("dropout"), batch_axis=1)
+      branch = drop_path(branch, self.stoch_depth, self.make_rng("dropout"))
     return x + branch
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    # `train` is positional so nn.remat can mark it static.
-    s, b, c = x.shape
+    # x: (batch, tokens, channels). `train` is positional so nn.remat can mark it static.
+    # Why batch-major: data parallelism shards the batch axis, and every layer's kernel
+    # gradient flattens the rows before it; with the batch leading they stay sharded (a
+    # token-major stream made XLA gather the whole batch's activations on every device).
     y = LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
                   forward_mode_ad=self.forward_mode_ad)(x)
+    # Token mixing acts on the columns of each image's (tokens, channels) table. All of
+    # the batch's columns side by side make one (tokens, batch * channels) matrix that
+    # the MLP multiplies from the left: moving whole channel rows is a cheaper
+    # relayout than transposing each image, and the matmuls get row-major operands.
+    b, s, c = y.shape
+    y = jnp.transpose(y, (1, 0, 2)).reshape(s, b * c)
     y = MlpBlock(self.tokens_mlp_dim, self.dropout, self.dtype, self.forward_mode_ad,
-                 columns=True, name="token_mixing")(y.reshape(s, b * c), train=train)
-    x = self._residual(x, y.reshape(s, b, c), train)
+                 columns=True, name="token_mixing")(y, train=train)
+    x = self._residual(x, jnp.transpose(y.reshape(s, b, c), (1, 0, 2)), train)
     y = LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
                   forward_mode_ad=self.forward_mode_ad)(x)
     y = MlpBlock(self.channels_mlp_dim, self.dropout, self.dtype, self.forward_mode_ad,
@@ -459,9 +451,8 @@ class MlpMixer(nn.Module):
     x = PatchStem(self.hidden_dim, (self.patch_size, self.patch_size),
                   strides=(self.patch_size, self.patch_size), padding="VALID",
                   dtype=self.dtype, param_dtype=jnp.float32,
-                  forward_mode_ad=self.forward_mode_ad, token_major=True, name="stem")(images)
-    # x: token-major (tokens, batch, channels), tokens in row-major raster order; see
-    # MixerBlock for why.
+                  forward_mode_ad=self.forward_mode_ad, name="stem")(images)
+    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Row-major raster order.
     # static_argnums counts `self`: argument 2 is `train`.
     block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
     for i in range(self.num_blocks):
@@ -471,8 +462,8 @@ class MlpMixer(nn.Module):
     x = LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
                   forward_mode_ad=self.forward_mode_ad, name="pre_head_layer_norm")(x)
     if return_tokens:
-      return jnp.transpose(x, (1, 0, 2)).astype(jnp.float32)
-    x = jnp.mean(x, axis=0)
+      return x.astype(jnp.float32)
+    x = jnp.mean(x, axis=1)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                    kernel_init=nn.initializers.zeros,

@@ -1,5 +1,6 @@
 """The model zoo: exact parameter counts, shapes, features, errors, numerics."""
 
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from mixer_jax import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # REFERENCE.md: 224x224, 1000 classes.
 PAPER_COUNTS = {
@@ -234,7 +237,7 @@ def test_backward_pass_keeps_no_float32_activations_in_bfloat16():
   kept = [a for a in jax.tree_util.tree_leaves(vjp) if hasattr(a, "dtype")]
   activation = 2 * 16 * 8  # batch x tokens x channels
   assert not [a.shape for a in kept if a.dtype == jnp.float32 and a.size >= activation]
-  channel_hidden = [a for a in kept if a.shape == (16, 2, 12)]  # tokens x batch x hidden
+  channel_hidden = [a for a in kept if a.shape == (2, 16, 12)]  # batch x tokens x hidden
   assert len(channel_hidden) == 2, [a.shape for a in channel_hidden]
 
 
@@ -255,6 +258,17 @@ def test_dense_with_fused_gelu_equals_gelu_after_dense(columns):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="use_bias"):
     models.Dense(7, gelu=True, use_bias=False).init(jax.random.key(0), x)
+
+
+def test_bias_gelu_gradients_have_the_inputs_shapes_and_dtypes():
+  for y, bias in [(jnp.ones((4, 3)), jnp.ones(3, jnp.bfloat16)),  # Mixed dtypes.
+                  (jnp.linspace(-2, 2, 4).reshape(4, 1), jnp.linspace(-1, 1, 3))]:  # y broadcast.
+    f = lambda y, b: jnp.sum(jnp.sin(models.bias_gelu(y, b)))
+    g = lambda y, b: jnp.sum(jnp.sin(models.gelu(y + b)))
+    ours, plain = jax.grad(f, (0, 1))(y, bias), jax.grad(g, (0, 1))(y, bias)
+    for a, b, primal in zip(ours, plain, (y, bias)):
+      assert a.shape == primal.shape and a.dtype == primal.dtype
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-2, atol=1e-2)
 
 
 def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
@@ -380,13 +394,12 @@ def random_params(model, image_size, seed=0):
 def test_one_block_matches_numpy_formula():
   block = models.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12)
   x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
-  shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x.transpose(1, 0, 2)))["params"]
+  shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"]
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(1)
   params = jax.tree_util.tree_unflatten(
       treedef, [rng.normal(0, 0.5, s.shape).astype(np.float32) for s in leaves])
-  # The block takes the token-major layout (tokens, batch, channels).
-  got = block.apply({"params": params}, x.transpose(1, 0, 2)).transpose(1, 0, 2)
+  got = block.apply({"params": params}, x)
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   np.testing.assert_allclose(got, np_mixer_block(x.astype(np.float64), p64), rtol=2e-5, atol=2e-5)
 
@@ -399,6 +412,36 @@ def test_whole_model_matches_numpy_forward():
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   np.testing.assert_allclose(got, np_mixer_forward(images.astype(np.float64), p64, 4),
                              rtol=1e-4, atol=1e-4)
+
+
+_DATA_PARALLEL_GRADIENT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mixer_jax import models
+model = models.create_model("S/4", 5, patch_size=4, num_blocks=2, hidden_dim=8,
+                            tokens_mlp_dim=6, channels_mlp_dim=12, dtype=DTYPE)
+params = models.init_params(model, 16)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+images = jax.device_put(jnp.ones((16, 16, 16, 3)), NamedSharding(mesh, P("data")))
+params = jax.device_put(params, NamedSharding(mesh, P()))
+loss = lambda p, x: jnp.sum(model.apply({"params": p}, x, train=True) ** 2)
+hlo = jax.jit(jax.grad(loss)).lower(params, images).compile().as_text()
+print(hlo.count("all-gather("), hlo.count("all-reduce("))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_data_parallel_gradient_gathers_no_activations(dtype):
+  # Batch sharded over 4 devices, parameters replicated: the gradient needs only
+  # all-reduces of the parameter gradients. (A token-major residual stream once made
+  # the kernel gradients' row flattening gather the whole batch on every device.)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_GRADIENT.replace(
+      "DTYPE", repr(dtype))], capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  gathers, reduces = map(int, out.stdout.split())
+  assert gathers == 0 and reduces > 0, (gathers, reduces)
 
 
 def test_summary_command_prints_count_and_flops():

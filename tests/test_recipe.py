@@ -373,11 +373,6 @@ def test_drop_path_drops_whole_examples_at_the_rate_and_rescales_the_rest(rate):
   dropped = per_example[:, 0] == 0
   assert abs(dropped.mean() - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
   np.testing.assert_allclose(per_example[~dropped], 1 / (1 - rate), rtol=1e-6)
-  # Token-major activations (tokens, batch, channels): the same examples dropped.
-  x = jax.random.normal(jax.random.key(1), (n, 3, 4))
-  np.testing.assert_array_equal(
-      models.drop_path(jnp.transpose(x, (1, 0, 2)), rate, jax.random.key(0), batch_axis=1),
-      jnp.transpose(models.drop_path(x, rate, jax.random.key(0)), (1, 0, 2)))
 
 
 @pytest.mark.parametrize("branch", ["token_mixing", "channel_mixing"])
@@ -385,13 +380,12 @@ def test_mixer_block_drops_each_residual_branch_at_its_rate(branch):
   """Silence the other branch; then block(x) - x is 0 or branch(x) / (1 - rate)."""
   rate, n = 0.5, 2000
   block = models.MixerBlock(tokens_mlp_dim=8, channels_mlp_dim=16, stoch_depth=rate)
-  x = jax.random.normal(jax.random.key(0), (4, n, 8))  # Token-major: (tokens, batch, channels).
-  params = block.init(jax.random.key(1), x[:, :1])["params"]
+  x = jax.random.normal(jax.random.key(0), (n, 4, 8))
+  params = block.init(jax.random.key(1), x[:1])["params"]
   other = "channel_mixing" if branch == "token_mixing" else "token_mixing"
   params[other]["Dense_1"] = jax.tree_util.tree_map(jnp.zeros_like, params[other]["Dense_1"])
-  per_example = lambda y: jnp.transpose(y - x, (1, 0, 2))
-  both = lambda key: (per_example(block.apply({"params": params}, x, False)),
-                      per_example(block.apply({"params": params}, x, True, rngs={"dropout": key})))
+  both = lambda key: (block.apply({"params": params}, x, False) - x,
+                      block.apply({"params": params}, x, True, rngs={"dropout": key}) - x)
   full, got = map(np.asarray, _compile(both, jax.random.key(2))(jax.random.key(2)))
   assert np.abs(full).max(axis=(1, 2)).min() > 1e-3  # The branch is never 0 itself.
   dropped = np.all(np.abs(got) < 1e-6, axis=(1, 2))
