@@ -76,12 +76,7 @@ def build(args, create_model):
   import jax
   saved, models.create_model = models.create_model, create_model
   try:
-    if args.mode == "train":
-      bench = benchmark.TrainBench(args)
-      step = bench.run
-    else:
-      _, params, images, compiled = benchmark.forward_bench(args)
-      step = lambda: compiled(params, images)
+    step, _ = benchmark.step_program(args)
   finally:
     models.create_model = saved
   return lambda: jax.block_until_ready(step())

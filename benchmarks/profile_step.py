@@ -101,12 +101,7 @@ def main(argv=None) -> int:
   import jax
   from jax.profiler import ProfileData
   os.makedirs(own.out, exist_ok=True)
-  if args.mode == "train":
-    bench = benchmark.TrainBench(args)
-    step, compiled = bench.run, bench.compiled
-  else:
-    _, params, images, compiled = benchmark.forward_bench(args)
-    step = lambda: compiled(params, images)
+  step, compiled = benchmark.step_program(args)
   with open(os.path.join(own.out, "hlo.txt"), "w") as f:
     f.write(compiled.as_text())
   for _ in range(max(args.warmup, 1)):

@@ -398,6 +398,15 @@ def forward_bench(args):
   return forward, params, images, forward.lower(params, images).compile()
 
 
+def step_program(args):
+  """(one step of --mode=train or eval as a zero-argument call, its compiled program)."""
+  if args.mode == "train":
+    bench = TrainBench(args)
+    return bench.run, bench.compiled
+  _, params, images, compiled = forward_bench(args)
+  return (lambda: compiled(params, images)), compiled
+
+
 # ---------------------------------------------------------------------- modes
 def bench_eval(args, result):
   forward, params, images, compiled = forward_bench(args)
