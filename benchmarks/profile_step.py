@@ -8,11 +8,14 @@ Builds the same step as mixer_jax.benchmark (its flags are accepted here), runs
 time is read back from the trace: on a GPU the kernels of each stream, on a CPU the ops
 of XLA's threads. Writes to `--out`:
   profile.json   per trace line: every op name with its calls and total time, biggest
-                 first; the step count; matmul and other time per step
+                 first; the step count; matmul and other time per step; and
+                 `by_source`: the time of all lines grouped by the model code each op
+                 comes from (its HLO op_name, block index folded: MixerBlock_*) and
+                 result shape, e.g. every block's token-MLP bias+GELU forward in one row
   hlo.txt        the compiled (optimised) program, to look up what a fusion holds
   the raw trace (plugins/profile/...), for TensorBoard's or xprof's viewer.
-Prints the top ops of the busiest line per step; the last stdout line is one JSON
-object with the totals.
+Prints the top ops of the busiest line per step, then the top `by_source` rows; the
+last stdout line is one JSON object with the totals.
 """
 
 import argparse
@@ -85,6 +88,37 @@ def summarize(lines, steps: int):
   return out
 
 
+# An HLO instruction of the compiled program: name, result shape, metadata op_name.
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT\s+)?%(\S+) = (\([^)]*\)|\S+) [^\n]*?op_name="([^"]*)"', re.MULTILINE)
+
+
+def op_sources(hlo_text: str):
+  """HLO instruction name -> (result shape, op_name without the jit prefix, blocks folded)."""
+  sources = {}
+  for name, shape, op_name in _INSTRUCTION.findall(hlo_text):
+    op_name = re.sub(r"MixerBlock_\d+", "MixerBlock_*", op_name)
+    sources[name] = (shape, op_name.split(")/", 1)[-1] if op_name.startswith("jit(")
+                     else op_name)
+  return sources
+
+
+def by_source(summary, sources, steps: int):
+  """Time per step of all lines, grouped by (op_name, shape); biggest first.
+
+  Summed over lines: on a CPU that is thread time (an op split over two threads counts
+  twice), on a GPU kernel time over streams.
+  """
+  totals = collections.defaultdict(float)
+  for line in summary.values():
+    for name, _, ms, stats in line["ops"]:
+      op = stats.get("hlo_op", name)
+      shape, source = sources.get(op, ("?", op))
+      totals[(source, shape)] += ms / steps
+  rows = sorted(totals.items(), key=lambda kv: -kv[1])
+  return [{"source": source, "shape": shape, "ms_per_step": ms} for (source, shape), ms in rows]
+
+
 def main(argv=None) -> int:
   own, rest = _parser().parse_known_args(argv)
   try:
@@ -102,8 +136,9 @@ def main(argv=None) -> int:
   from jax.profiler import ProfileData
   os.makedirs(own.out, exist_ok=True)
   step, compiled = benchmark.step_program(args)
+  hlo_text = compiled.as_text()
   with open(os.path.join(own.out, "hlo.txt"), "w") as f:
-    f.write(compiled.as_text())
+    f.write(hlo_text)
   for _ in range(max(args.warmup, 1)):
     jax.block_until_ready(step())
   trace_dir = os.path.join(own.out, "trace")
@@ -119,6 +154,7 @@ def main(argv=None) -> int:
   result = {"mode": args.mode, "variant": args.variant, "batch_size": args.batch_size,
             "dtype": args.dtype, "profile_steps": own.profile_steps,
             "device": benchmark.device_description(), "lines": summary,
+            "by_source": by_source(summary, op_sources(hlo_text), own.profile_steps),
             "temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
   with open(os.path.join(own.out, "profile.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -129,6 +165,9 @@ def main(argv=None) -> int:
           f"{line['matmul_ms_per_step']:.2f} ms, other {line['other_ms_per_step']:.2f} ms")
     for name, calls, ms, _ in line["ops"][:own.top]:
       print(f"  {ms / own.profile_steps:8.3f} ms  {calls / own.profile_steps:5.1f}x  {name[:110]}")
+    print("All lines, by the model code each op comes from (ms per step; CPU: thread time):")
+    for row in result["by_source"][:own.top]:
+      print(f"  {row['ms_per_step']:8.3f} ms  {row['shape'][:28]:28s}  {row['source'][:100]}")
   totals = {k: {f: v[f] for f in ("ms_per_step", "matmul_ms_per_step", "other_ms_per_step")}
             for k, v in summary.items()}
   print(json.dumps({"mode": args.mode, "variant": args.variant, "lines": totals,

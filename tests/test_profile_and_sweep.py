@@ -29,6 +29,13 @@ def test_profile_writes_per_op_times_and_the_compiled_program(mode, tmp_path, ca
   assert ops and all(calls > 0 and ms >= 0 for _, calls, ms, _ in ops)
   assert any(line["matmul_ms_per_step"] > 0 for line in profile["lines"].values())
   assert "HloModule" in (out / "hlo.txt").read_text()
+  # Grouped by model code: the blocks' ops fold into MixerBlock_* rows, and the rows
+  # account for every op's time.
+  rows = profile["by_source"]
+  assert any("MixerBlock_*/" in row["source"] and "[" in row["shape"] for row in rows)
+  assert not any("MixerBlock_0" in row["source"] for row in rows)
+  total = sum(line["ms_per_step"] for line in profile["lines"].values())
+  assert sum(row["ms_per_step"] for row in rows) == pytest.approx(total, rel=1e-6)
   assert list(out.glob("trace/**/*.xplane.pb"))
 
 
@@ -59,3 +66,15 @@ def test_sweep_reports_a_failing_candidate_and_goes_on(tmp_path, monkeypatch):
   results = json.loads(json_out.read_text())["results"]
   assert [r["ok"] for r in results] == [True, False, True]
   assert results[1]["error"]
+
+
+def test_op_sources_reads_names_shapes_and_folds_blocks():
+  hlo = "\n".join([
+      '  %fusion.3 = f32[4,8]{1,0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name='
+      '"jit(step_fn)/jvp(MlpMixer)/MixerBlock_11/token_mixing/Dense_0/mul" stack_frame_id=3}',
+      '  ROOT %tuple.1 = (f32[2]{0}, s32[]) fusion(%a), metadata={op_name="jit(f)/add"}',
+      '  %copy.2 = f32[3]{0} copy(%x)',  # No metadata: not a source.
+  ])
+  assert profile_step.op_sources(hlo) == {
+      "fusion.3": ("f32[4,8]{1,0}", "jvp(MlpMixer)/MixerBlock_*/token_mixing/Dense_0/mul"),
+      "tuple.1": ("(f32[2]{0}, s32[])", "add")}
