@@ -41,9 +41,12 @@ echo "== eval (left $(left) s)"
 timeout 100 $PY -m mixer_jax.benchmark $ARGS --mode=eval --steps=30 --peak_size=0 2>&1 | tee "$OUT/bench_eval.txt" | grep -v '^{'
 echo "== flag sweep (left $(left) s)"
 deadline=$(( $(left) - 60 ))
-[ $deadline -gt 0 ] || echo "no time left for the flag sweep"
-[ $deadline -gt 0 ] && timeout $(( $(left) > 0 ? $(left) : 1 )) $PY benchmarks/flag_sweep.py \
-  --deadline_s=$deadline --timeout_s=100 --json_out="$OUT/sweep.json" \
-  --candidates=${CANDIDATES:-unfused_bias_gelu,flax_layer_norm,cublaslt,triton_gemm_any,cudnn_gemm_fusion,cublaslt_tanh_gelu,no_command_buffer,all_fusions_triton} \
-  -- $ARGS --mode=train --steps=20 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
+if [ $deadline -gt 0 ]; then
+  timeout $(( $(left) > 0 ? $(left) : 1 )) $PY benchmarks/flag_sweep.py \
+    --deadline_s=$deadline --timeout_s=100 --json_out="$OUT/sweep.json" \
+    --candidates=${CANDIDATES:-unfused_bias_gelu,flax_layer_norm,cublaslt,triton_gemm_any,cudnn_gemm_fusion,cublaslt_tanh_gelu,no_command_buffer,all_fusions_triton} \
+    -- $ARGS --mode=train --steps=20 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
+else
+  echo "no time left for the flag sweep"
+fi
 echo "== done after $(( $(date +%s) - start )) s"

@@ -107,19 +107,13 @@ class OursSide:
   """Our train step (or forward) exactly as `python -m mixer_jax.benchmark` builds it."""
 
   def __init__(self, args):
-    from mixer_jax import benchmark, models  # First: it sets malloc up before JAX starts.
+    from mixer_jax import benchmark  # First: it sets malloc up before JAX starts.
     import jax
     ours_args = benchmark.parse_args([f"--variant={args.variant}",
                                       f"--batch_size={args.batch_size}", f"--mode={args.mode}"])
-    if args.mode == "train":
-      bench = benchmark.TrainBench(ours_args)
-      self.step, self.flops = bench.run, bench.flops_per_image()
-      self.num_params = bench.num_params
-    else:
-      forward, params, images, compiled = benchmark.forward_bench(ours_args)
-      self.step = lambda: compiled(params, images)
-      self.flops = benchmark.program_flops(forward, params, images) / args.batch_size
-      self.num_params = models.count_params(params)
+    bench = (benchmark.TrainBench if args.mode == "train" else benchmark.ForwardBench)(ours_args)
+    self.step, self.flops = bench.run, bench.flops_per_image()
+    self.num_params = bench.num_params
     self.block = jax.block_until_ready
     self.info = {"num_params": self.num_params, "flops_per_image": self.flops,
                  "device": benchmark.device_description()}

@@ -392,27 +392,37 @@ def forward_program(args):
   return forward, params, random_batch(args)["image"]
 
 
-def forward_bench(args):
-  """forward_program's (forward, params, images) and the compiled forward."""
-  forward, params, images = forward_program(args)
-  return forward, params, images, forward.lower(params, images).compile()
+class ForwardBench:
+  """forward_program's eval forward, compiled once for its batch (TrainBench's twin)."""
+
+  def __init__(self, args):
+    from mixer_jax import models
+    self.args = args
+    self.forward, self.params, self.images = forward_program(args)
+    self.num_params = models.count_params(self.params)
+    self.lowered = self.forward.lower(self.params, self.images)
+    self.compiled = self.lowered.compile()
+
+  def flops_per_image(self) -> float:
+    return program_flops(self.forward, self.params, self.images,
+                         lowered=self.lowered) / self.args.batch_size
+
+  def run(self):
+    return self.compiled(self.params, self.images)
 
 
 def step_program(args):
   """(one step of --mode=train or eval as a zero-argument call, its compiled program)."""
-  if args.mode == "train":
-    bench = TrainBench(args)
-    return bench.run, bench.compiled
-  _, params, images, compiled = forward_bench(args)
-  return (lambda: compiled(params, images)), compiled
+  bench = TrainBench(args) if args.mode == "train" else ForwardBench(args)
+  return bench.run, bench.compiled
 
 
 # ---------------------------------------------------------------------- modes
 def bench_eval(args, result):
-  forward, params, images, compiled = forward_bench(args)
-  times = time_steps(lambda: compiled(params, images), args.warmup, args.steps, result)
+  bench = ForwardBench(args)
+  times = time_steps(bench.run, args.warmup, args.steps, result)
   result.update(summarize_times(times, args.batch_size))
-  result["forward_flops_per_image"] = program_flops(forward, params, images) / args.batch_size
+  result["forward_flops_per_image"] = bench.flops_per_image()
   result["flops_per_image"] = result["forward_flops_per_image"]
 
 
