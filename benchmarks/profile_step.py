@@ -1,5 +1,6 @@
 r"""Where the train step's (or eval forward's) time goes, kernel by kernel.
 
+  pip install -e .    # once: mixer_jax importable from anywhere
   python benchmarks/profile_step.py --out=/tmp/prof --variant=B/16 --batch_size=256 \
       --dtype=bfloat16 --mode=train
 
@@ -26,12 +27,7 @@ import os
 import re
 import sys
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-import mixer_jax  # noqa: E402,F401  (first: host_memory.py's malloc settings, as in main)
-from mixer_jax import benchmark  # noqa: E402
+from mixer_jax import benchmark, host_memory
 
 # Kernel or op names of matrix products: cuBLAS/cuDNN/CUTLASS kernels, XLA's Triton gemm
 # fusions and custom calls, CPU library calls.
@@ -120,6 +116,7 @@ def by_source(summary, sources, steps: int):
 
 
 def main(argv=None) -> int:
+  host_memory.keep_freed_memory()  # First, before JAX starts its threads.
   own, rest = _parser().parse_known_args(argv)
   try:
     args = benchmark.parse_args(rest)
@@ -135,7 +132,8 @@ def main(argv=None) -> int:
   import jax
   from jax.profiler import ProfileData
   os.makedirs(own.out, exist_ok=True)
-  step, compiled = benchmark.step_program(args)
+  bench = (benchmark.TrainBench if args.mode == "train" else benchmark.ForwardBench)(args)
+  step, compiled = bench.run, bench.compiled
   hlo_text = compiled.as_text()
   with open(os.path.join(own.out, "hlo.txt"), "w") as f:
     f.write(hlo_text)

@@ -10,10 +10,11 @@ two are measured in alternating rounds (ours, timm, ours, timm, ...) so that a s
 patch of the machine hits both; each figure is the median over all timed steps. Each
 side runs in its own worker process, as each would in real use: a shared process
 would share one malloc heap, threads and caches between the two runtimes. Ours runs
-as mixer_jax configures itself (host_memory.py's malloc settings); timm runs with
-PyTorch's defaults, or with the same malloc settings under --timm_keep_host_memory.
+as mixer_jax's entry points configure themselves (host_memory.py's malloc settings);
+timm runs with PyTorch's defaults, or with the same settings under --timm_keep_host_memory.
 
-Needs torch and timm, which are NOT project requirements (CI does not have them):
+Needs mixer_jax installed (`pip install -e .` in the repository), and torch and timm,
+which are NOT project requirements (CI does not have them):
   pip install torch==2.13.0 && pip install timm --no-deps
 (timm imports torchvision at import time; if PyPI's torchvision does not import beside
 a CPU-only torch, `pip install torchvision==0.16.2 --no-deps` does: timm only uses its
@@ -30,11 +31,7 @@ import statistics
 import sys
 import time
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-# No mixer_jax import at module level: the timm worker process imports this module too,
-# and importing mixer_jax changes the process's malloc settings (host_memory.py).
+from mixer_jax import host_memory
 
 # Our variant name -> timm's model name (224px, 1000 classes).
 TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224",
@@ -107,7 +104,7 @@ class OursSide:
   """Our train step (or forward) exactly as `python -m mixer_jax.benchmark` builds it."""
 
   def __init__(self, args):
-    from mixer_jax import benchmark  # First: it sets malloc up before JAX starts.
+    from mixer_jax import benchmark
     import jax
     ours_args = benchmark.parse_args([f"--variant={args.variant}",
                                       f"--batch_size={args.batch_size}", f"--mode={args.mode}"])
@@ -123,11 +120,11 @@ class OursSide:
 
 def _worker(side: str, args, conn):
   """One side in its own process: its own allocator settings, threads and caches."""
+  # First, before JAX or torch starts threads; timm gets PyTorch's defaults unless asked.
+  kept = False
+  if side == "ours" or args.timm_keep_host_memory:
+    kept = host_memory.keep_freed_memory()
   if side == "timm":
-    kept = False
-    if args.timm_keep_host_memory:  # Before torch starts threads, as for ours.
-      from mixer_jax import host_memory
-      kept = host_memory.keep_freed_memory()
     runner = TimmSide(args.variant, args.batch_size, args.threads, args.mode)
     runner.info = {"num_params": runner.num_params, **runner.versions,
                    "keep_host_memory": kept}

@@ -19,7 +19,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_split = "test"
   c.num_classes = 0             # 0 = read from the dataset.
   c.image_size = 224
-  c.shuffle_buffer = 10_000     # Encoded examples per process; also the resume-state size.
   c.cache_train = False         # Keep decoded-free encoded training records in memory.
   c.skip_corrupt_images = False  # folder: datasets: skip (and count) undecodable files.
   c.train_crop = "inception"    # "inception" (random-resized crop) | "resize" | "none".
@@ -41,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stoch_depth = 0.0
   c.model.dropout = 0.0
   c.model.remat = False
+  c.model.kernels = "auto"      # "xla" (plain flax) | "cpu" (kernels/) | "auto" (by backend).
   c.dtype = "float32"           # Compute dtype; "bfloat16" on accelerators. Params stay fp32.
 
   # Loss and regularisation.

@@ -20,7 +20,6 @@ def get_config():
   c.eval_split = "test"
   c.image_size = 8
   c.cache_train = True
-  c.shuffle_buffer = 2_000
   c.train_crop = "none"
   c.train_flip = False
   c.eval_preprocess = "resize"

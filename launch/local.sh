@@ -44,57 +44,25 @@ DEVICES_PER_PROCESS=1
 PORT=12355
 LOG_DIR=/tmp/mixer_local_logs
 DRY_RUN=0
-MAIN_ARGS=()
 
-while (($#)); do
-  arg=$1
-  shift
-  if [[ $arg == --*=* ]]; then
-    opt=${arg%%=*}
-    val=${arg#*=}
-    inline=1
-  else
-    opt=$arg
-    val=""
-    inline=0
-  fi
-  case $opt in
-    --num_processes | --num-processes | --devices_per_process | --devices-per-process | \
-      --port | --log_dir | --log-dir)
-      if ((!inline)); then
-        (($#)) || die "option $opt needs a value"
-        val=$1
-        shift
-      fi
-      ;;
-    --dry-run | --dry_run | -h | --help)
-      ((!inline)) || die "option $opt takes no value"
-      ;;
-  esac
-  case $opt in
-    --) MAIN_ARGS=("$@"); break ;;
-    -h | --help) usage; exit 0 ;;
-    --num_processes | --num-processes) NUM_PROCESSES=$val ;;
-    --devices_per_process | --devices-per-process) DEVICES_PER_PROCESS=$val ;;
-    --port) PORT=$val ;;
-    --log_dir | --log-dir) LOG_DIR=$val ;;
+on_option() {
+  case $1 in
+    --num_processes | --num-processes) NUM_PROCESSES=$2 ;;
+    --devices_per_process | --devices-per-process) DEVICES_PER_PROCESS=$2 ;;
+    --port) PORT=$2 ;;
+    --log_dir | --log-dir) LOG_DIR=$2 ;;
     --dry-run | --dry_run) DRY_RUN=1 ;;
-    -*) die "unknown option '$arg' (try --help)" ;;
-    *) die "unexpected argument '$arg'; pass mixer_jax.main flags after '--' (try --help)" ;;
   esac
-done
+}
+parse_options "--num_processes --num-processes --devices_per_process --devices-per-process \
+  --port --log_dir --log-dir" "--dry-run --dry_run" "$@"
 
 [[ -n $NUM_PROCESSES ]] || die "--num_processes is required"
 [[ $NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || die "--num_processes must be a positive integer"
 [[ $DEVICES_PER_PROCESS =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be a positive integer"
 [[ $PORT =~ ^[1-9][0-9]*$ ]] && ((PORT <= 65535)) || die "--port must be a TCP port number"
 [[ -n $LOG_DIR ]] || die "--log_dir must not be empty"
-for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
-  case $a in
-    --coordinator_address* | --num_processes* | --process_id*)
-      die "don't pass $a after '--': $PROG sets it" ;;
-  esac
-done
+refuse_process_flags " after '--': $PROG sets it" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}
 
 PYTHON=${PYTHON:-python}
 XLA_FLAGS_VALUE="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"

@@ -57,51 +57,24 @@ OUTPUT=""
 CPUS_PER_TASK=""
 EXTRA=()
 DRY_RUN=0
-MAIN_ARGS=()
 
-while (($#)); do
-  arg=$1
-  shift
-  if [[ $arg == --*=* ]]; then
-    opt=${arg%%=*}
-    val=${arg#*=}
-    inline=1
-  else
-    opt=$arg
-    val=""
-    inline=0
-  fi
-  case $opt in
-    --nodes | --gpus-per-node | --procs-per | --time | --partition | --account | --job-name | \
-      --output | --cpus-per-task | --sbatch-arg)
-      if ((!inline)); then
-        (($#)) || die "option $opt needs a value"
-        val=$1
-        shift
-      fi
-      ;;
-    --dry-run | -h | --help)
-      ((!inline)) || die "option $opt takes no value"
-      ;;
-  esac
-  case $opt in
-    --) MAIN_ARGS=("$@"); break ;;
-    -h | --help) usage; exit 0 ;;
-    --nodes) NODES=$val ;;
-    --gpus-per-node) GPUS_PER_NODE=$val ;;
-    --procs-per) PROCS_PER=$val ;;
-    --time) TIME=$val ;;
-    --partition) PARTITION=$val ;;
-    --account) ACCOUNT=$val ;;
-    --job-name) JOB_NAME=$val ;;
-    --output) OUTPUT=$val ;;
-    --cpus-per-task) CPUS_PER_TASK=$val ;;
-    --sbatch-arg) EXTRA+=("$val") ;;
+on_option() {
+  case $1 in
+    --nodes) NODES=$2 ;;
+    --gpus-per-node) GPUS_PER_NODE=$2 ;;
+    --procs-per) PROCS_PER=$2 ;;
+    --time) TIME=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --job-name) JOB_NAME=$2 ;;
+    --output) OUTPUT=$2 ;;
+    --cpus-per-task) CPUS_PER_TASK=$2 ;;
+    --sbatch-arg) EXTRA+=("$2") ;;
     --dry-run) DRY_RUN=1 ;;
-    -*) die "unknown option '$arg' (try --help)" ;;
-    *) die "unexpected argument '$arg'; pass mixer_jax.main flags after '--' (try --help)" ;;
   esac
-done
+}
+parse_options "--nodes --gpus-per-node --procs-per --time --partition --account --job-name \
+  --output --cpus-per-task --sbatch-arg" "--dry-run" "$@"
 
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer"
 [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer"
@@ -111,12 +84,7 @@ case $PROCS_PER in
   node) TASKS_PER_NODE=1 ;;
   *) die "--procs-per must be gpu or node, got '$PROCS_PER'" ;;
 esac
-for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
-  case $a in
-    --coordinator_address* | --num_processes* | --process_id*)
-      die "don't pass $a: jax.distributed auto-detects SLURM" ;;
-  esac
-done
+refuse_process_flags ": jax.distributed auto-detects SLURM" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}
 
 SBATCH=(sbatch --job-name="$JOB_NAME" --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE"
   --gpus-per-node="$GPUS_PER_NODE" --chdir="$REPO_DIR")

@@ -92,60 +92,35 @@ NUM_WORKERS=""
 LOG_DIR=""
 WAIT_TIMEOUT=0
 DRY_RUN=0
-MAIN_ARGS=()
 
-while (($#)); do
-  arg=$1
-  shift
-  if [[ $arg == --*=* ]]; then
-    opt=${arg%%=*}
-    val=${arg#*=}
-    inline=1
-  else
-    opt=$arg
-    val=""
-    inline=0
-  fi
-  case $opt in
-    --name | --zone | --accelerator-type | --version | --qr-name | --project | --repo-dir | \
-      --workdir | --python | --env | --exclude | --num-workers | --log-dir | --wait-timeout)
-      if ((!inline)); then
-        (($#)) || die "option $opt needs a value"
-        val=$1
-        shift
-      fi
-      ;;
-    --spot | --skip-install | --dry-run | -h | --help)
-      ((!inline)) || die "option $opt takes no value"
-      ;;
-  esac
-  case $opt in
-    --) MAIN_ARGS=("$@"); break ;;
-    -h | --help) usage; exit 0 ;;
-    --name) NAME=$val ;;
-    --zone) ZONE=$val ;;
-    --accelerator-type) ACCELERATOR_TYPE=$val ;;
-    --version) RUNTIME_VERSION=$val ;;
+on_option() {
+  case $1 in
+    --name) NAME=$2 ;;
+    --zone) ZONE=$2 ;;
+    --accelerator-type) ACCELERATOR_TYPE=$2 ;;
+    --version) RUNTIME_VERSION=$2 ;;
     --spot) SPOT=1 ;;
-    --qr-name) QR_NAME=$val ;;
-    --project) PROJECT=$val ;;
-    --repo-dir) REPO_DIR=$val ;;
-    --workdir) WORKDIR=$val ;;
-    --python) REMOTE_PYTHON=$val ;;
-    --env) ENV_VARS+=("$val") ;;
-    --exclude) EXCLUDES+=("$val") ;;
+    --qr-name) QR_NAME=$2 ;;
+    --project) PROJECT=$2 ;;
+    --repo-dir) REPO_DIR=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --python) REMOTE_PYTHON=$2 ;;
+    --env) ENV_VARS+=("$2") ;;
+    --exclude) EXCLUDES+=("$2") ;;
     --skip-install) SKIP_INSTALL=1 ;;
-    --num-workers) NUM_WORKERS=$val ;;
-    --log-dir) LOG_DIR=$val ;;
-    --wait-timeout) WAIT_TIMEOUT=$val ;;
+    --num-workers) NUM_WORKERS=$2 ;;
+    --log-dir) LOG_DIR=$2 ;;
+    --wait-timeout) WAIT_TIMEOUT=$2 ;;
     --dry-run) DRY_RUN=1 ;;
-    -*) die "unknown option '$arg' (try --help)" ;;
-    *)
-      [[ -z $SUBCOMMAND ]] || die "unexpected argument '$arg' (try --help)"
-      SUBCOMMAND=$arg
-      ;;
   esac
-done
+}
+on_positional() {
+  [[ -z $SUBCOMMAND ]] || die "unexpected argument '$1' (try --help)"
+  SUBCOMMAND=$1
+}
+parse_options "--name --zone --accelerator-type --version --qr-name --project --repo-dir \
+  --workdir --python --env --exclude --num-workers --log-dir --wait-timeout" \
+  "--spot --skip-install --dry-run" "$@"
 
 case $SUBCOMMAND in
   create | run | logs | stop | delete | all) ;;

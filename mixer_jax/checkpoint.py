@@ -12,18 +12,21 @@ when the class count differs and building the block-diagonal token-mixing
 initialisation for higher resolutions (paper Appendix C, see `resolution.py`).
 """
 
+import json
 import math
 import os
+import time
 import zipfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
 
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used with the requested model."""
+from mixer_jax import errors
+from mixer_jax import resolution
 
 
 def flatten(params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -37,16 +40,16 @@ def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
 def load_npz(path: str) -> Dict[str, Any]:
   """Reads a released-layout `.npz` into a nested dict of float32 numpy arrays."""
   if not os.path.exists(path):
-    raise CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
+    raise errors.CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
   try:
     with np.load(path, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}
   except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-    raise CheckpointError(
+    raise errors.CheckpointError(
         f"{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}); it may be "
         "truncated or not a checkpoint, so download or write it again.") from None
   if not flat:
-    raise CheckpointError(f"{path} holds no arrays; it is not a Mixer checkpoint.")
+    raise errors.CheckpointError(f"{path} holds no arrays; it is not a Mixer checkpoint.")
   return unflatten(flat)
 
 
@@ -77,7 +80,7 @@ def describe(params: Mapping[str, Any]) -> Dict[str, Any]:
         num_classes=int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else 0,
     )
   except (KeyError, IndexError, ValueError) as e:
-    raise CheckpointError(f"Not a Mixer parameter tree (missing {e}).") from None
+    raise errors.CheckpointError(f"Not a Mixer parameter tree (missing {e}).") from None
 
 
 def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any],
@@ -88,11 +91,9 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
     differs or the model has no head (features model) or the checkpoint has none.
   - token-mixing kernels whose token count differs by an integer K^2: block-diagonal
     high-resolution initialisation (`resolution.expand_token_mixing`).
-  - anything else missing, unexpected or differently shaped raises `CheckpointError`
+  - anything else missing, unexpected or differently shaped raises `errors.CheckpointError`
     naming the key and both shapes, before anything runs.
   """
-  from mixer_jax import resolution  # Local: resolution imports this module.
-
   init_flat, pre_flat = flatten(init_params), flatten(pretrained)
   pre_flat = resolution.expand_if_needed(init_flat, pre_flat, source=source)
   merged = {}
@@ -103,7 +104,7 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
         logging.info("%s has no %s; keeping the fresh head.", source, key)
         merged[key] = init_value
         continue
-      raise CheckpointError(f"{source} is missing parameter {key} (model expects shape "
+      raise errors.CheckpointError(f"{source} is missing parameter {key} (model expects shape "
                             f"{tuple(init_value.shape)}); it is not a checkpoint of this model.")
     value = pre_flat[key]
     if tuple(value.shape) != tuple(init_value.shape):
@@ -112,13 +113,13 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
                      tuple(value.shape), tuple(init_value.shape))
         merged[key] = init_value
         continue
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f"{source} parameter {key} has shape {tuple(value.shape)} but the model expects "
           f"{tuple(init_value.shape)}; use the variant and image size it was trained with.")
     merged[key] = np.asarray(value, dtype=np.asarray(init_value).dtype)
   unexpected = sorted(k for k in pre_flat if k not in init_flat and not k.startswith("head/"))
   if unexpected:
-    raise CheckpointError(f"{source} has parameter {unexpected[0]} (shape "
+    raise errors.CheckpointError(f"{source} has parameter {unexpected[0]} (shape "
                           f"{tuple(pre_flat[unexpected[0]].shape)}) that the model lacks "
                           f"({len(unexpected)} unexpected in all); check the variant.")
   return unflatten(merged)
@@ -128,20 +129,16 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
 # Training checkpoints of this codebase (orbax), and reading any checkpoint.
 #
 # WORKDIR/
-#   model.json                    model fields, classes, image size, process count
+#   model.json                    model fields, classes, image size
 #   checkpoints/<step>/           orbax: items `params`, `opt_state`, `meta`
-#   data_state/<step>/process_<i> tf.data iterator position of process i
 #
-# The data state of a step is written before its orbax checkpoint, and orbax
-# finalises a step directory atomically (temp dir, then rename), so a step that
-# orbax lists is complete; a restart that finds an unreadable one falls back to the
-# previous step.
-
-import json
+# No input state is saved: the training stream's position is the step itself
+# (input_pipeline.py). Orbax finalises a step directory atomically (temp dir, then
+# rename), so a step that orbax lists is complete; a restart that finds an unreadable
+# one falls back to the previous step.
 
 MODEL_FILE = "model.json"
 CHECKPOINT_DIR = "checkpoints"
-DATA_STATE_DIR = "data_state"
 
 
 def read_model_file(workdir: str):
@@ -175,7 +172,6 @@ def _restore_params_only(checkpoint_dir: str, step: int):
 
 
 def _to_numpy_tree(tree):
-  import jax
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
@@ -195,7 +191,7 @@ def load_params(path: str):
                 image_size=side * desc["patch_size"] if side * side == desc["num_tokens"] else None)
     return params, info
   if not os.path.isdir(path):
-    raise CheckpointError(f"Checkpoint {path} does not exist; pass a .npz file, a training "
+    raise errors.CheckpointError(f"Checkpoint {path} does not exist; pass a .npz file, a training "
                           "workdir or one of its checkpoints/<step> directories.")
   workdir, step = path, None
   if read_model_file(path) is None:
@@ -203,12 +199,12 @@ def load_params(path: str):
     if os.path.basename(os.path.abspath(path)).isdigit() and read_model_file(parent):
       workdir, step = parent, int(os.path.basename(os.path.abspath(path)))
     else:
-      raise CheckpointError(f"{path} is neither a .npz checkpoint nor a workdir of this "
+      raise errors.CheckpointError(f"{path} is neither a .npz checkpoint nor a workdir of this "
                             f"codebase (no {MODEL_FILE}); pass a .npz file or a workdir.")
   model_info = read_model_file(workdir)
   checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
   steps = _orbax_steps(checkpoint_dir) if step is None else [step]
-  errors = []
+  unreadable = []
   for s in reversed(steps):
     try:
       params = _restore_params_only(checkpoint_dir, s)
@@ -216,11 +212,94 @@ def load_params(path: str):
     except Exception as e:  # A truncated or corrupted step: try the previous one.
       logging.warning("Checkpoint step %d in %s is unreadable (%s); trying an earlier one.",
                       s, checkpoint_dir, e)
-      errors.append(s)
+      unreadable.append(s)
   else:
-    raise CheckpointError(f"{workdir} holds no readable checkpoint (tried steps {errors}); "
+    raise errors.CheckpointError(f"{workdir} holds no readable checkpoint (tried steps {unreadable}); "
                           "train first or pass another path.")
   info = dict(model=model_info["model"], num_classes=model_info["num_classes"],
               class_names=model_info.get("class_names"),
               image_size=model_info.get("image_size"))
   return params, info
+
+
+class TrainCheckpoints:
+  """Orbax train-state checkpoints of a workdir (the input position is the step)."""
+
+  def __init__(self, workdir: str, keep: int):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.dir = os.path.join(workdir, CHECKPOINT_DIR)
+    self.manager = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        # A save killed half-way leaves a temp dir; clear it so the step can be redone.
+        cleanup_tmp_directories=True))
+
+  def save(self, step: int, state) -> None:
+    ocp = self._ocp
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state["params"]),
+          opt_state=ocp.args.StandardSave(state["opt_state"]),
+          meta=ocp.args.JsonSave({"step": step})), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:  # Disk full, permissions, a vanished mount...
+      previous = [s for s in self.manager.all_steps() if s != step]
+      kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+      raise errors.WorkdirError(
+          f"Saving checkpoint step {step} in {self.dir} failed ({_short(e)}); {kept}, so "
+          "free disk space (or fix the path) and rerun the same command to resume.") from e
+
+  def restore_latest(self, abstract_state) -> Optional[Dict[str, Any]]:
+    """Newest readable step (falling back past unreadable ones), or None."""
+    unreadable = []
+    try:
+      return self._restore_newest_readable(abstract_state, unreadable)
+    finally:
+      self._set_aside(unreadable)
+
+  def _set_aside(self, steps):
+    """Moves unreadable steps out of the way (kept for inspection, never deleted), so
+    the resumed run can save those steps again."""
+    if not steps:
+      return
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mixer_set_aside_unreadable_checkpoints")
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.dir), "unreadable_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(self.dir, str(step)), target)
+        logging.error("Moved unreadable checkpoint step %d to %s.", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mixer_set_aside_done")
+    self.manager.reload()
+
+  def _restore_newest_readable(self, abstract_state, unreadable):
+    ocp = self._ocp
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # Truncated or corrupted files: use the previous step.
+        logging.error("Checkpoint step %d in %s is unreadable (%s); falling back to the "
+                      "previous one.", step, self.dir, _short(e))
+        unreadable.append(step)
+        continue
+      state = {"step": jnp.asarray(restored["meta"]["step"], jnp.int32),
+               "params": restored["params"], "opt_state": restored["opt_state"]}
+      logging.info("Resumed from step %d of %s.", step, self.dir)
+      return state
+    return None
+
+  def close(self):
+    self.manager.close()
+
+
+def _short(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__

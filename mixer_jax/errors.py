@@ -7,6 +7,49 @@ library calls sys.exit. `--traceback` shows the full trace instead.
 
 import sys
 
+
+# Every error a user can cause is a ValueError subclass (one sentence naming the
+# problem and the fix); entry points turn them into exit code USER_ERROR.
+class ConfigError(ValueError):
+  """A config value that cannot work."""
+
+
+class WorkdirError(ValueError):
+  """A workdir that cannot be used."""
+
+
+class DataError(ValueError):
+  """A dataset that cannot be read or does not fit the config."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used with the requested model."""
+
+
+class EvaluateError(ValueError):
+  """A checkpoint / dataset / size combination that cannot be evaluated."""
+
+
+class PredictError(ValueError):
+  """Images or a checkpoint that `predict` cannot use."""
+
+
+class FewShotError(ValueError):
+  """Few-shot settings that cannot work with the data."""
+
+
+class BenchmarkError(ValueError):
+  """A benchmark flag that cannot work."""
+
+
+class MemoryToolError(ValueError):
+  """A memory-tool flag that cannot work."""
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradients became NaN/inf."""
+
+
 # Exit codes: 2 for a problem in the input (config, data, paths, checkpoints),
 # 3 for a run that stopped itself (non-finite loss).
 USER_ERROR = 2
@@ -14,10 +57,9 @@ STOPPED = 3
 
 
 def run_guarded(fn, show_traceback: bool = False):
-  from mixer_jax import train  # Local: keeps `--help` fast.
   try:
     return fn()
-  except train.NonFiniteError as e:
+  except NonFiniteError as e:
     if show_traceback:
       raise
     print(f"Error: {e}", file=sys.stderr)

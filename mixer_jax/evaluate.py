@@ -24,7 +24,7 @@ The split is --split if given, else `validation` for imagenet2012(_real), `test`
 imagenet_v2 and config.eval_split otherwise.
 
 Every example is counted exactly once on any number of devices and hosts: the last
-batch is padded with masked examples, never dropped (train.Evaluator).
+batch is padded with masked examples, never dropped (evaluation.Evaluator).
 
 Image size: the checkpoint's own (a token-mixing layer only runs at the token count
 it was trained with). `--config.image_size` may name it explicitly; another value is
@@ -65,19 +65,17 @@ from absl import logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
+from mixer_jax import evaluation
+from mixer_jax import host_memory
 from mixer_jax import input_pipeline
+from mixer_jax import sharding
 
-SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
 # The split that holds the labelled evaluation images of datasets with a fixed one.
 KNOWN_SPLITS = {"imagenet2012": "validation", "imagenet2012_real": "validation",
                 "imagenet_v2": "test"}
 # TFDS reads whatever the tar holds (a truncated tar gives fewer images, silently).
 KNOWN_SIZES = {("imagenet2012", "validation"): 50_000,
                ("imagenet2012_real", "validation"): 50_000}
-
-
-class EvaluateError(ValueError):
-  """A checkpoint / dataset / size combination that cannot be evaluated."""
 
 
 # ------------------------------------------------------------------ the checks
@@ -94,10 +92,10 @@ def resolve_image_size(path: str, info: Dict[str, Any], num_tokens: int,
   native = info.get("image_size") or (side * patch if side * side == num_tokens else None)
   size = int(requested or native or 0)
   if size <= 0:
-    raise EvaluateError(f"Checkpoint {path} does not record its image size; pass "
+    raise errors.EvaluateError(f"Checkpoint {path} does not record its image size; pass "
                         "--config.image_size.")
   if size % patch or (size // patch) ** 2 != num_tokens:
-    raise EvaluateError(
+    raise errors.EvaluateError(
         f"--config.image_size={size} does not fit checkpoint {path}, whose token-mixing "
         f"layers take {num_tokens} tokens of {patch}x{patch} px, i.e. image size {native}; "
         f"evaluate at {native} (or leave image_size out), or fine-tune at {size} first "
@@ -109,17 +107,17 @@ def check_classes(path: str, checkpoint_classes: int, dataset: str, dataset_clas
                   config_classes: int = 0) -> None:
   """The head must have one logit per dataset class (or config.num_classes if set)."""
   if checkpoint_classes <= 0:
-    raise EvaluateError(f"Checkpoint {path} has no classification head (a features model), "
+    raise errors.EvaluateError(f"Checkpoint {path} has no classification head (a features model), "
                         "so it cannot be evaluated on labels; fine-tune it first "
                         "(configs/finetune.py).")
   if config_classes and config_classes < dataset_classes:
-    raise EvaluateError(f"config.num_classes={config_classes} is smaller than the "
+    raise errors.EvaluateError(f"config.num_classes={config_classes} is smaller than the "
                         f"{dataset_classes} classes of {dataset}; set it to 0.")
   expected = config_classes or dataset_classes
   if checkpoint_classes != expected:
     what = (f"config.num_classes is {expected}" if config_classes else
             f"dataset {dataset} has {dataset_classes} classes")
-    raise EvaluateError(
+    raise errors.EvaluateError(
         f"Checkpoint {path} has a {checkpoint_classes}-class head but {what}; evaluate it on "
         f"the dataset it was trained for, or fine-tune it on {dataset} first "
         "(configs/finetune.py).")
@@ -143,17 +141,6 @@ def _tfds_classes_before_preparing(config) -> Optional[int]:
 
 
 # ---------------------------------------------------------------- evaluation
-def _place(params, mesh, config):
-  """Numpy params -> global arrays sharded like training would (any process count)."""
-  import jax
-  import numpy as np
-  from mixer_jax import sharding
-  shardings = sharding.state_shardings(params, mesh, config.sharding, config.fsdp_min_size)
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-      params, shardings)
-
-
 def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
              image_size: Optional[int] = None, fewshot: bool = False,
              fewshot_train_split: Optional[str] = None) -> Dict[str, Any]:
@@ -161,7 +148,7 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
 
   Args:
     config: a config from configs/ (dataset, data_dir, eval_preprocess,
-      eval_batch_size, dtype, mesh, few-shot shots); its model section is ignored.
+      eval_batch_size, dtype, mesh, few-shot shots); its model sizes are ignored.
     checkpoint_path: released `.npz`, workdir or workdir/checkpoints/<step>.
     split: split to evaluate (default: see the module doc).
     image_size: must equal the checkpoint's image size if given (None: use it).
@@ -169,11 +156,9 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     fewshot_train_split: pool of the few-shot examples (default config.train_split).
   """
   import jax
-  from mixer_jax import models
-  from mixer_jax import sharding
-  from mixer_jax import train
+  from mixer_jax import state as state_lib
 
-  train.validate_config(config)
+  state_lib.validate_config(config)
   params, info = checkpoint.load_params(checkpoint_path)
   desc = checkpoint.describe(params)
   size = resolve_image_size(checkpoint_path, info, desc["num_tokens"], image_size)
@@ -202,16 +187,15 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
                     data.class_names[:3])
 
   config = config.copy_and_resolve_references()
-  config.image_size = size  # Preprocessing reads it.
-  fields = {k: int(info["model"][k]) for k in SIZE_FIELDS}
-  variant = f"S/{fields['patch_size']}"  # Every size field is given: the letter is unused.
-  model = models.create_model(variant, num_classes, **fields, dtype=config.dtype)
-  params = _place(params, mesh, config)
+  config.image_size = size  # Preprocessing and the model's input shape read it.
+  setup = state_lib.Setup(config, num_classes, fields=state_lib.checkpoint_fields(info),
+                          variant=state_lib.checkpoint_variant(info), mesh=mesh)
   logging.info("Evaluating %s (%s, %s params) on %s %s (%d examples) at %d px, %d devices.",
-               checkpoint_path, fields, f"{models.count_params(params):,}", data.name, split,
+               checkpoint_path, info["model"], f"{setup.num_params:,}", data.name, split,
                data.num_examples[split], size, jax.device_count())
-  evaluator = train.Evaluator(model, config, source, split, num_classes, mesh, eval_batch)
-  metrics = evaluator(params)
+  params = setup.place_params(params)
+  metrics = evaluation.Evaluator(setup.eval_step(), config, source, split, num_classes, mesh,
+                                 eval_batch)(params)
 
   result = {"dataset": data.name, "split": split,
             "num_examples": int(round(metrics["num_examples"])),
@@ -222,11 +206,10 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     result["real_top1"] = metrics["real_accuracy"]
     result["real_num_examples"] = int(round(metrics["real_num_examples"]))
   if fewshot:
-    feature_model = models.create_model(variant, 0, **fields, dtype=config.dtype)
     features_params = {k: v for k, v in params.items() if k != "head"}
-    result.update(train.fewshot_metrics(feature_model, features_params, config, source,
-                                        fewshot_train_split, split, data.num_classes, mesh,
-                                        eval_batch))
+    result.update(evaluation.fewshot_metrics(setup.feature_model(), features_params, config, source,
+                                             fewshot_train_split, split, data.num_classes,
+                                             mesh, eval_batch))
   return result
 
 
@@ -267,10 +250,10 @@ def define_flags():
 def _run():
   from ml_collections import config_flags
   if FLAGS.config is None:
-    raise EvaluateError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
+    raise errors.EvaluateError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
   if not FLAGS.checkpoint:
-    raise EvaluateError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
+    raise errors.EvaluateError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
   from mixer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
@@ -293,6 +276,7 @@ def _run():
 
 
 def main(argv):
+  host_memory.keep_freed_memory()  # Before JAX starts its threads (host_memory.py).
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   errors.run_guarded(_run, FLAGS.traceback)

@@ -54,6 +54,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from mixer_jax import checkpoint
+from mixer_jax import errors
 
 FORMATS = ("timm", "npz")
 
@@ -107,7 +108,7 @@ def params_to_timm(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   mapping = _key_map(flat)
   unknown = sorted(set(flat) - set(mapping))
   if unknown:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"Parameter {unknown[0]} has no timm equivalent; it is not a Mixer parameter tree.")
   out = {}
   for key, value in flat.items():
@@ -131,7 +132,7 @@ def timm_to_params(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
   inverse = {v: k for k, v in _key_map(flax_keys).items()}
   unknown = sorted(set(names) - set(inverse))
   if unknown:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"State-dict entry {unknown[0]} is not part of timm's MlpMixer; pass the state "
         "dict of a timm Mixer model.")
   flat = {}
@@ -172,9 +173,9 @@ def timm_constructor(info: Mapping[str, Any]) -> str:
 def _check_output(path: str) -> None:
   """Fails with one sentence (CheckpointError) unless `path` can be written."""
   if not path:
-    raise checkpoint.CheckpointError("--output is required; pass the file to write.")
+    raise errors.CheckpointError("--output is required; pass the file to write.")
   if os.path.isdir(path):
-    raise checkpoint.CheckpointError(f"Output {path} is a directory; pass a file name.")
+    raise errors.CheckpointError(f"Output {path} is a directory; pass a file name.")
   parent = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(parent, exist_ok=True)
@@ -183,14 +184,14 @@ def _check_output(path: str) -> None:
       pass
     os.remove(probe)
   except OSError as e:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"Cannot write output {path} ({e.strerror or e}); choose a writable location.") from None
 
 
 def export(checkpoint_path: str, fmt: str, output: str) -> Dict[str, Any]:
   """Writes `output` in `fmt` ('timm' or 'npz'); returns the checkpoint info."""
   if fmt not in FORMATS:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"Unknown format {fmt!r}; use --format=timm or --format=npz.")
   _check_output(output)
   params, info = checkpoint.load_params(checkpoint_path)
@@ -198,7 +199,7 @@ def export(checkpoint_path: str, fmt: str, output: str) -> Dict[str, Any]:
     try:
       checkpoint.save_npz(params, output)
     except OSError as e:
-      raise checkpoint.CheckpointError(
+      raise errors.CheckpointError(
           f"Cannot write output {output} ({e.strerror or e}); choose a writable location.") from None
     return info
   from safetensors.numpy import save_file  # Only needed for this format.
@@ -218,7 +219,7 @@ def export(checkpoint_path: str, fmt: str, output: str) -> Dict[str, Any]:
   except OSError as e:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"Cannot write output {output} ({e.strerror or e}); choose a writable location.") from None
   return info
 
@@ -244,7 +245,7 @@ def main(argv):
     sys.exit(2)
   try:
     info = export(FLAGS.checkpoint, FLAGS.format, FLAGS.output)
-  except checkpoint.CheckpointError as e:
+  except errors.CheckpointError as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)
   print(f"Wrote {FLAGS.output} ({FLAGS.format}).")

@@ -16,9 +16,11 @@ stays mapped and the next step reuses it: no page faults, no kernel time. The co
 process keeps its peak host memory instead of returning it to the OS, as a caching
 allocator does.
 
-When: once, when `mixer_jax` is imported (that is, before any entry point touches JAX),
-if JAX will compute on the CPU: `JAX_PLATFORMS` is `cpu`, or unset with no accelerator
-plugin installed (no `jax_plugins` package, no `libtpu`). On GPU and TPU hosts the
+When: an entry point calls keep_freed_memory() first thing in main(), before JAX starts
+its backend and threads (importing jax at the top of the module is fine; importing
+mixer_jax changes nothing). It applies if JAX will compute on the CPU: `JAX_PLATFORMS` is
+`cpu`, or unset with no accelerator plugin installed (no `jax_plugins` package, no
+`libtpu`). On GPU and TPU hosts the
 step's buffers live in device memory, and one malloc arena would only make tf.data's
 many threads contend for one lock. `MIXER_JAX_KEEP_HOST_MEMORY=1` forces it on, `=0`
 off. On systems without glibc (macOS, musl) it does nothing.

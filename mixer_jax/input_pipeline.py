@@ -1,44 +1,53 @@
 """tf.data input pipelines: TFDS datasets by name and `folder:/path` image folders.
 
-Each process reads only its own shard (`tfds.even_splits` over processes, or every
-n-th file of a folder). Images arrive encoded and are decoded here, so that the
-Inception crop can decode only the cropped window of a JPEG.
+Training order, the same on any topology: the examples of the training split are
+visited epoch after epoch, each epoch in a permutation drawn from (config.seed,
+epoch) (`tf.random.experimental.index_shuffle`, computed per position, never
+materialised). Global batch s is positions s*G .. (s+1)*G - 1 of that stream (G =
+config.batch_size) and process p reads its rows p*b .. (p+1)*b - 1 (b = G / process
+count), which is also how `sharding.global_batch` lays the rows onto the devices. So
+the batch the model sees at step s depends on (seed, s) alone: 1 process x N devices,
+N processes x 1 device and any mix train on the same data, and the whole input
+state of a run is its step. Augmentation randomness is keyed by (seed, example
+index, epoch). Examples are looked up by index (random access: image folders by
+path, TFDS splits through datasets/records.py or in memory with config.cache_train).
+Images arrive encoded and are decoded here, so that the Inception crop can decode
+only the cropped window of a JPEG.
 
-Determinism: the training stream is a pure function of (seed, process, example
-index): shuffling is seeded and every random augmentation is a stateless op keyed
-by the example's position in the stream. The iterator position itself is saved
-with each checkpoint (`save_iterator` / `restore_iterator`), so a resumed run sees
-exactly the batches it would have seen.
-
-Evaluation visits every example exactly once: each process pads its shard with
-masked examples up to the same number of batches (computed from the split sizes,
-known to all processes without communication).
+Evaluation visits every example exactly once: each process reads its own contiguous
+shard (`tfds.even_splits`, or every n-th file of a folder) and pads it with masked
+examples up to the same number of batches (computed from the split sizes, known to
+all processes without communication).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import math
 import os
+import socket
+import time
 from typing import List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from mixer_jax import augment
+from mixer_jax import errors
 
 FOLDER_PREFIX = "folder:"
 # Datasets whose preparation needs no download: built here on first use.
 _OFFLINE_BUILDERS = ("mixer_digits",)
 # Batches each dataset prepares ahead of the train/eval loop.
 PREFETCH_BATCHES = 2
+# How long a process waits for another one preparing the same dataset (ImageNet from
+# its tar files takes hours).
+PREPARE_TIMEOUT_S = 6 * 3600
 # Datasets prepared by TFDS from files the user downloads into the manual dir.
 _MANUAL_DATASETS = {
     "imagenet2012": "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in the manual "
                     "dir (config.manual_dir, default DATA_DIR/downloads/manual)",
 }
-
-
-class DataError(ValueError):
-  """A dataset that cannot be read as configured."""
 
 
 @dataclasses.dataclass
@@ -54,29 +63,38 @@ class DatasetInfo:
 class _TfdsSource:
   """A TFDS dataset, prepared in `data_dir`."""
 
-  def __init__(self, name: str, data_dir: str = "", manual_dir: str = ""):
+  def __init__(self, name: str, data_dir: str = "", manual_dir: str = "",
+               prepare_timeout_s: float = PREPARE_TIMEOUT_S):
     import tensorflow_datasets as tfds
     from mixer_jax.datasets import digits  # noqa: F401  Registers `mixer_digits`.
     self._tfds = tfds
     self.name = name
-    data_dir = data_dir or None
-    try:
-      self.builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError and friends.
-      raise DataError(f"Unknown TFDS dataset {name!r} ({type(e).__name__}); use a TFDS name "
-                      f"such as imagenet2012 or cifar10, or folder:/path/to/images.") from None
+    self._data_dir = data_dir or None
+    self.builder = self._builder()
     if not self.builder.is_prepared():
-      self._prepare(manual_dir)
+      # One process prepares; the others (sharing the data dir or not) wait for it.
+      with prepare_lock(os.path.dirname(self.builder.data_dir), prepare_timeout_s):
+        self.builder = self._builder()
+        if not self.builder.is_prepared():
+          self._prepare(manual_dir)
     features = self.builder.info.features
     # imagenet2012_real calls its single label `original_label` (next to `real_label`).
     self.label_key = "original_label" if "label" not in features else "label"
     if "image" not in features or self.label_key not in features:
-      raise DataError(f"TFDS dataset {name!r} has features {sorted(features.keys())}; "
+      raise errors.DataError(f"TFDS dataset {name!r} has features {sorted(features.keys())}; "
                       "an image classification dataset with 'image' and 'label' is required.")
     label = features[self.label_key]
     self.class_names = list(label.names) if hasattr(label, "names") else None
     self.num_classes = int(label.num_classes)
     self.has_real_labels = "real_label" in features
+
+  def _builder(self):
+    try:
+      return self._tfds.builder(self.name, data_dir=self._data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends.
+      raise errors.DataError(
+          f"Unknown TFDS dataset {self.name!r} ({type(e).__name__}); use a TFDS name such as "
+          "imagenet2012 or cifar10, or folder:/path/to/images.") from None
 
   def _prepare(self, manual_dir: str):
     tfds, name = self._tfds, self.name
@@ -92,18 +110,18 @@ class _TfdsSource:
         root = os.path.dirname(root)
       manual = manual_dir or os.path.join(root, "downloads", "manual")
       if not os.path.isdir(manual) or not os.listdir(manual):
-        raise DataError(f"TFDS dataset {name} is not prepared in {where}; "
+        raise errors.DataError(f"TFDS dataset {name} is not prepared in {where}; "
                         f"{_MANUAL_DATASETS[base]}, here {manual}, and run again.")
       try:
         self.builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual))
       except Exception as e:  # Truncated or misnamed tars: TFDS's own errors are deep.
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"TFDS could not prepare {name} from the manual dir {manual} "
+        raise errors.DataError(f"TFDS could not prepare {name} from the manual dir {manual} "
                         f"({type(e).__name__}: {reason}); {_MANUAL_DATASETS[base]}, "
                         "complete and unmodified.") from e
       return
-    raise DataError(f"TFDS dataset {name} is not prepared in {where}; prepare it on a "
+    raise errors.DataError(f"TFDS dataset {name} is not prepared in {where}; prepare it on a "
                     f"machine with internet (`tfds build {name} --data_dir=DIR`) and point "
                     "config.data_dir at DIR.")
 
@@ -111,7 +129,7 @@ class _TfdsSource:
     try:
       return int(self.builder.info.splits[split].num_examples)
     except Exception as e:
-      raise DataError(f"Dataset {self.name} has no split {split!r} ({e}); available: "
+      raise errors.DataError(f"Dataset {self.name} has no split {split!r} ({e}); available: "
                       f"{', '.join(self.builder.info.splits.keys())}.") from None
 
   def process_split(self, split: str, index: int, count: int) -> str:
@@ -130,6 +148,21 @@ class _TfdsSource:
 
   def local_size(self, split: str, index: int, count: int) -> int:
     return self.split_size(self.process_split(split, index, count))
+
+  def examples(self, split: str, in_memory: bool) -> "Examples":
+    """Random access to the split's {image (encoded), label} by example index."""
+    from mixer_jax.datasets import records
+    self.split_size(split)  # An unknown split is one sentence.
+    if self.builder.info.file_format.value != "tfrecord":
+      raise errors.DataError(
+          f"TFDS dataset {self.name} is prepared as {self.builder.info.file_format.value}; "
+          "training reads TFRecord files by example index, so prepare it with the default "
+          "file format (`tfds build --file_format=tfrecord`).")
+    sequence = records.TfrecordExamples(self.builder, split,
+                                        {"image": "image", "label": self.label_key})
+    if in_memory:
+      return InMemoryExamples.read(sequence)
+    return PythonExamples(sequence)
 
 
 class _FolderSource:
@@ -154,6 +187,112 @@ class _FolderSource:
     n = self.split_size(split)
     return len(range(index, n, count))
 
+  def examples(self, split: str, in_memory: bool) -> "Examples":
+    items = self.source.split(split)
+    paths = [p for p, _ in items]
+    labels = np.asarray([label for _, label in items], np.int64)
+    if in_memory:
+      return InMemoryExamples([open(p, "rb").read() for p in paths], labels)
+    return FileExamples(paths, labels)
+
+
+# ------------------------------------------------------- examples by index
+class Examples:
+  """A split's examples by index: `len()` and `lookup(index)` inside tf.data."""
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def lookup(self, index: tf.Tensor) -> dict:
+    """{'image': encoded bytes, 'label': int64} of example `index` (a scalar tensor)."""
+    raise NotImplementedError
+
+
+class InMemoryExamples(Examples):
+  """Encoded images held in memory (config.cache_train, small datasets)."""
+
+  def __init__(self, images: List[bytes], labels: np.ndarray):
+    self._images = tf.constant(images, tf.string)
+    self._labels = tf.constant(labels, tf.int64)
+
+  @classmethod
+  def read(cls, sequence):
+    rows = [sequence[i] for i in range(len(sequence))]
+    return cls([r["image"] for r in rows], np.asarray([r["label"] for r in rows], np.int64))
+
+  def __len__(self) -> int:
+    return int(self._labels.shape[0])
+
+  def lookup(self, index):
+    return {"image": tf.gather(self._images, index), "label": tf.gather(self._labels, index)}
+
+
+class FileExamples(Examples):
+  """One encoded image file per example (image folders)."""
+
+  def __init__(self, paths: List[str], labels: np.ndarray):
+    self._paths = tf.constant(paths, tf.string)
+    self._labels = tf.constant(labels, tf.int64)
+
+  def __len__(self) -> int:
+    return int(self._labels.shape[0])
+
+  def lookup(self, index):
+    return {"image": tf.io.read_file(tf.gather(self._paths, index)),
+            "label": tf.gather(self._labels, index)}
+
+
+class PythonExamples(Examples):
+  """A Python sequence of {'image', 'label'} (datasets/records.py), read in tf.data."""
+
+  def __init__(self, sequence):
+    self._sequence = sequence
+
+  def __len__(self) -> int:
+    return len(self._sequence)
+
+  def lookup(self, index):
+    def read(i):
+      row = self._sequence[int(i)]
+      return row["image"], row["label"]
+    image, label = tf.py_function(read, [index], (tf.string, tf.int64))
+    image.set_shape([])
+    label.set_shape([])
+    return {"image": image, "label": label}
+
+
+@contextlib.contextmanager
+def prepare_lock(directory: str, timeout_s: float):
+  """Holds an exclusive lock on `directory`/.prepare.lock (waiting up to timeout_s).
+
+  A lock of a process that died is released by the kernel, so the next process
+  takes it over. The holder's host and pid are in the file, for the message.
+  """
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, ".prepare.lock")
+  with open(path, "a+") as f:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          f.seek(0)
+          holder = f.read().strip() or "another process"
+          raise errors.DataError(
+              f"Waited {timeout_s:.0f} s for {holder} to prepare the dataset in {directory}; "
+              f"if no such process runs, delete {path} and run again.") from None
+        time.sleep(0.2)
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
 
 def get_source(config):
   if config.dataset.startswith(FOLDER_PREFIX):
@@ -165,7 +304,7 @@ def dataset_info(source, splits) -> DatasetInfo:
   sizes = {s: source.split_size(s) for s in splits}
   for split, n in sizes.items():
     if n == 0:
-      raise DataError(f"Split {split!r} of dataset {source.name} is empty; choose a split "
+      raise errors.DataError(f"Split {split!r} of dataset {source.name} is empty; choose a split "
                       "with examples.")
   return DatasetInfo(source.name, source.num_classes, source.class_names, sizes,
                      source.has_real_labels)
@@ -206,7 +345,7 @@ def preprocess_train(example, seed, config, num_classes):
     # Images already at image_size (e.g. the 8x8 digits): decode only.
     image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
   else:
-    raise DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize "
+    raise errors.DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize "
                     "or none.")
   if config.train_flip:
     image = augment.random_flip(image, flip_seed)
@@ -235,7 +374,7 @@ def preprocess_eval(example, config, num_classes):
   elif config.eval_preprocess == "resize":
     image = _resize(image, size)
   else:
-    raise DataError(f"Unknown config.eval_preprocess {config.eval_preprocess!r}; use "
+    raise errors.DataError(f"Unknown config.eval_preprocess {config.eval_preprocess!r}; use "
                     "resize_crop or resize.")
   out = {"image": _to_model_range(image), "label": _check_label(example["label"], num_classes),
          "mask": tf.constant(1.0, tf.float32)}
@@ -259,22 +398,44 @@ def _options():
   return options
 
 
+def global_positions(step: tf.Tensor, row: tf.Tensor, *, global_batch: int,
+                     local_batch: int, process_index: int) -> tf.Tensor:
+  """Position in the training stream of `row` of this process's part of batch `step`."""
+  return step * global_batch + process_index * local_batch + row
+
+
+def example_at(position: tf.Tensor, num_examples: int, seed: int):
+  """(example index, epoch) at a position of the training stream."""
+  epoch = position // num_examples
+  index = tf.random.experimental.index_shuffle(
+      position % num_examples, tf.stack([tf.constant(seed, tf.int64), epoch]),
+      max_index=num_examples - 1)
+  return index, epoch
+
+
 def train_dataset(source, config, local_batch_size: int, num_classes: int,
-                  process_index: int, process_count: int) -> tf.data.Dataset:
-  """Endless stream of {'image': f32 [B,H,W,3] in [-1,1], 'label': i32 [B]}."""
-  ds = source.read(config.train_split, process_index, process_count)
-  if config.cache_train:
-    ds = ds.cache()
-  ds = ds.repeat()
-  ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
-  base_seed = tf.constant([config.seed, process_index], tf.int64)
+                  process_index: int, process_count: int,
+                  start_step: int = 0) -> tf.data.Dataset:
+  """This process's rows of global batches start_step, start_step + 1, ... (endless).
 
-  def with_seed(index, example):
-    seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    return preprocess_train(example, seed, config, num_classes)
+  Elements: {'image': f32 [b,H,W,3] in [-1,1], 'label': i32 [b]}; see the module
+  docstring for the order.
+  """
+  examples = source.examples(config.train_split, config.cache_train)
+  n = len(examples)
+  b, g = local_batch_size, local_batch_size * process_count
 
-  ds = ds.enumerate().map(with_seed, num_parallel_calls=os.cpu_count() or 1,
-                          deterministic=True)
+  def load(k):
+    position = global_positions(k // b, k % b, global_batch=g, local_batch=b,
+                                process_index=process_index)
+    index, epoch = example_at(position, n, config.seed)
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(config.seed, tf.int64), index]), epoch)
+    return preprocess_train(examples.lookup(index), seed, config, num_classes)
+
+  # k counts this process's rows from the start of the run.
+  ds = tf.data.Dataset.range(start_step * b, np.iinfo(np.int64).max)
+  ds = ds.map(load, num_parallel_calls=os.cpu_count() or 1, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
@@ -295,21 +456,6 @@ def eval_dataset(source, config, split: str, local_batch_size: int, num_classes:
     ds = ds.concatenate(tf.data.Dataset.from_tensors(zero).repeat(pad))
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.prefetch(PREFETCH_BATCHES).with_options(_options()), num_batches
-
-
-# ----------------------------------------------------------- iterator position
-def save_iterator(iterator, path: str) -> None:
-  """Saves a tf.data iterator's position (and its shuffle buffer) atomically."""
-  tmp = f"{path}.tmp"
-  tf.io.gfile.makedirs(tmp)
-  tf.train.Checkpoint(iterator=iterator).write(os.path.join(tmp, "iterator"))
-  if tf.io.gfile.exists(path):
-    tf.io.gfile.rmtree(path)
-  tf.io.gfile.rename(tmp, path)
-
-
-def restore_iterator(iterator, path: str) -> None:
-  tf.train.Checkpoint(iterator=iterator).read(os.path.join(path, "iterator")).assert_consumed()
 
 
 def to_numpy(batch) -> dict:

@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mixer_jax import errors
+from mixer_jax import host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
@@ -47,6 +48,7 @@ class _QuietLibraries:
 
 
 def main(argv):
+  host_memory.keep_freed_memory()  # Before JAX starts its threads (host_memory.py).
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")

@@ -37,6 +37,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mixer_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
                                 lock_config=True)
@@ -47,12 +49,6 @@ flags.DEFINE_integer("num_classes", 0,
 flags.DEFINE_string("strategies", "replicate,fsdp", "Comma-separated sharding strategies.")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-MODEL_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim",
-                "channels_mlp_dim")
-
-
-class MemoryToolError(ValueError):
-  """A flag or config the memory tool cannot use."""
 
 
 # ------------------------------------------------------------ simulated devices
@@ -79,19 +75,14 @@ def ensure_devices(num_devices: int, argv) -> None:
 
 
 # ------------------------------------------------------------------- the model
-def build(config, num_classes: int):
-  """(model, optimiser) as train.py builds them, without importing train (TensorFlow)."""
-  from mixer_jax import models, steps
-  spec = models.parse_variant(config.model.variant)
-  fields = {k: (config.model[k] or getattr(spec, k)) for k in MODEL_FIELDS}
-  model = models.create_model(
-      config.model.variant, num_classes, **fields, stoch_depth=config.model.stoch_depth,
-      dropout=config.model.dropout, dtype=config.dtype,
-      head_bias_init=config.head_bias_init, remat=config.model.remat)
-  # The schedule's length only changes constants inside the step, not its memory.
+def build(config, num_classes: int, strategy: str, mesh):
+  """The run's state.Setup under `strategy` (the schedule's length only changes
+  constants inside the step, not its memory)."""
+  from mixer_jax import state
+  config = config.copy_and_resolve_references()
+  config.sharding = strategy
   total_steps = max(int(config.num_train_steps), int(config.warmup_steps) + 1)
-  _, tx = steps.optimizer_from_config(config, total_steps)
-  return model, tx
+  return state.Setup(config, num_classes, total_steps, mesh=mesh)
 
 
 def _bytes_per_device(tree) -> int:
@@ -108,30 +99,13 @@ def _bytes_per_device(tree) -> int:
 def measure(config, num_classes: int, strategy: str, mesh) -> dict:
   """Compiles the train step for `mesh` under `strategy`; per-device bytes."""
   import jax
-  import jax.numpy as jnp
-  from mixer_jax import sharding, steps
+  from mixer_jax import sharding
 
   sharding.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
-  model, tx = build(config, num_classes)
-  size = config.image_size
-
-  def init_state(rng):
-    params = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  shapes = jax.eval_shape(init_state, jax.random.key(config.seed))
-  state_sharding = sharding.state_shardings(shapes, mesh, strategy, config.fsdp_min_size)
-  state = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
-  batch_sharding = sharding.batch_sharding(mesh)
-  n = config.batch_size
-  batch = {"image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32,
-                                         sharding=batch_sharding),
-           "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sharding)}
-  step = jax.jit(steps.make_train_step(model, tx, config, num_classes),
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+  setup = build(config, num_classes, strategy, mesh)
+  state, state_sharding = setup.abstract_state, setup.state_sharding
+  batch = setup.abstract_batch(config.batch_size)
+  step = setup.train_step()
   stats = step.lower(state, batch).compile().memory_analysis()
 
   computed = {"params": _bytes_per_device(state["params"]),
@@ -181,17 +155,16 @@ def report(header: dict, rows) -> str:
 
 def run(config, num_devices: int, num_classes: int, strategies) -> dict:
   import jax
-  from mixer_jax import models, sharding
+  from mixer_jax import sharding
   if jax.device_count() != num_devices:
-    raise MemoryToolError(f"JAX has {jax.device_count()} devices, not --num_devices="
+    raise errors.MemoryToolError(f"JAX has {jax.device_count()} devices, not --num_devices="
                        f"{num_devices}; run `python -m mixer_jax.memory` (it sets them up).")
   for strategy in strategies:
     if strategy not in sharding.STRATEGIES:
-      raise MemoryToolError(f"Unknown strategy {strategy!r} in --strategies; use "
+      raise errors.MemoryToolError(f"Unknown strategy {strategy!r} in --strategies; use "
                          f"{', '.join(sharding.STRATEGIES)}.")
   mesh = sharding.make_mesh(config.mesh_model)
-  model, _ = build(config, num_classes)
-  num_params = models.count_params(models.param_shapes(model, config.image_size))
+  num_params = build(config, num_classes, strategies[0], mesh).num_params
   header = {"variant": config.model.variant, "num_params": num_params,
             "image_size": config.image_size, "num_classes": num_classes,
             "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
@@ -209,7 +182,6 @@ def main(argv):
   if FLAGS.config is None or not FLAGS.num_devices or FLAGS.num_devices < 1:
     raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --num_devices=N (N >= 1).")
   ensure_devices(FLAGS.num_devices, sys.argv)
-  from mixer_jax import errors  # Not errors.run_guarded: it imports train (TensorFlow).
   config = FLAGS.config
   num_classes = FLAGS.num_classes or config.num_classes or 1000
   strategies = [s.strip() for s in FLAGS.strategies.split(",") if s.strip()]

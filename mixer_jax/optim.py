@@ -91,3 +91,13 @@ def accumulate_gradients(grad_fn, params, batch, num_micro: int, rng):
   (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro_batches))
   mean = lambda x: x / num_micro
   return (mean(loss), jax.tree_util.tree_map(mean, aux)), jax.tree_util.tree_map(mean, grads)
+
+
+def from_config(config, total_steps: int):
+  """(learning-rate schedule, optax chain) from the config's optimiser keys."""
+  schedule = learning_rate_schedule(config.learning_rate, total_steps, config.warmup_steps,
+                                    config.lr_decay, config.end_learning_rate)
+  tx = make_optimizer(name=config.optimizer, schedule=schedule, b1=config.b1, b2=config.b2,
+                      eps=config.eps, momentum=config.momentum,
+                      weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
+  return schedule, tx

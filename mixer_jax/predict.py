@@ -34,12 +34,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from mixer_jax import checkpoint
+from mixer_jax import errors
 
 BATCH_SIZE = 32
-
-
-class PredictError(ValueError):
-  """A user error reported as one sentence (exit code 2)."""
 
 
 def _tfds_root() -> Optional[str]:
@@ -106,7 +103,7 @@ def class_names(info: Dict[str, Any], num_classes: int) -> List[str]:
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
-  """(image_size, image_size, 3) float32 in [-1, 1]; PredictError if unreadable."""
+  """(image_size, image_size, 3) float32 in [-1, 1]; errors.PredictError if unreadable."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as img:
@@ -114,7 +111,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
       arr = np.asarray(img, dtype=np.float32)
   except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-    raise PredictError(f"Cannot read image {path} ({reason}); pass a readable image "
+    raise errors.PredictError(f"Cannot read image {path} ({reason}); pass a readable image "
                        "file (JPEG, PNG, ...).") from None
   return arr / 127.5 - 1.0
 
@@ -129,32 +126,30 @@ def predict(checkpoint_path: str, image_paths: Sequence[str], top_k: int = 5,
             image_size: Optional[int] = None) -> Dict[str, Any]:
   """Runs the checkpoint on the images; returns {"predictions": [...]} (see module doc)."""
   if not image_paths:
-    raise PredictError("No images given; pass one or more image files after the flags.")
+    raise errors.PredictError("No images given; pass one or more image files after the flags.")
   if top_k < 1:
-    raise PredictError(f"--top_k={top_k} must be at least 1.")
+    raise errors.PredictError(f"--top_k={top_k} must be at least 1.")
   params, info = checkpoint.load_params(checkpoint_path)
   num_classes = int(info.get("num_classes") or 0)
   if num_classes <= 0:
-    raise PredictError(f"{checkpoint_path} has no classification head (a features model), "
+    raise errors.PredictError(f"{checkpoint_path} has no classification head (a features model), "
                        "so it cannot predict classes.")
-  model_fields = {k: int(info["model"][k]) for k in ("patch_size", "num_blocks", "hidden_dim",
-                                                     "tokens_mlp_dim", "channels_mlp_dim")}
-  patch = int(model_fields["patch_size"])
+  patch = int(info["model"]["patch_size"])
   num_tokens = checkpoint.describe(params)["num_tokens"]
   native = info.get("image_size")
   size = int(image_size or native or 0)
   if size <= 0:
-    raise PredictError(f"{checkpoint_path} does not record its image size; pass --image_size.")
+    raise errors.PredictError(f"{checkpoint_path} does not record its image size; pass --image_size.")
   if size % patch or (size // patch) ** 2 != num_tokens:
-    raise PredictError(
+    raise errors.PredictError(
         f"--image_size={size} does not match the checkpoint, whose token-mixing layers "
         f"need {num_tokens} tokens of {patch}x{patch} px (image size {native or 'unknown'}).")
   images = np.stack([load_image(p, size) for p in image_paths])  # Fail fast on bad files.
 
   import jax
   import jax.numpy as jnp
-  from mixer_jax import models
-  model = models.create_model(f"S/{patch}", num_classes, **model_fields)
+  from mixer_jax import state
+  model = state.inference_model(info, num_classes)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
   params = jax.tree_util.tree_map(jnp.asarray, params)
   logits = np.concatenate([
@@ -188,7 +183,7 @@ def main(argv):
     sys.exit(2)
   try:
     result = predict(FLAGS.checkpoint, argv[1:], FLAGS.top_k, FLAGS.image_size)
-  except (PredictError, checkpoint.CheckpointError) as e:
+  except (errors.PredictError, errors.CheckpointError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)
   for pred in result["predictions"]:

@@ -39,8 +39,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
-from mixer_jax import checkpoint
+from mixer_jax import errors
 
 _TOKEN_KEY = "MixerBlock_0/token_mixing/Dense_0/kernel"
 
@@ -61,11 +62,11 @@ def _allowed_sizes(patch: Optional[int], side: int) -> str:
 
 
 def _resolution_error(source: str, old_tokens: int, new_tokens: int,
-                      patch: Optional[int]) -> checkpoint.CheckpointError:
+                      patch: Optional[int]) -> errors.CheckpointError:
   side = _isqrt_exact(old_tokens)
   new_side = _isqrt_exact(new_tokens)
   if side is None:
-    return checkpoint.CheckpointError(
+    return errors.CheckpointError(
         f"{source} was trained with {old_tokens} tokens, which is not a square grid, so "
         f"it cannot be adapted to a model with {new_tokens} tokens; use the image size "
         "it was trained with.")
@@ -75,7 +76,7 @@ def _resolution_error(source: str, old_tokens: int, new_tokens: int,
     old_desc += f" ({patch * side} px at patch {patch})"
     if new_side is not None:
       new_desc += f" ({patch * new_side} px)"
-  return checkpoint.CheckpointError(
+  return errors.CheckpointError(
       f"{source} was trained with {old_desc} but the model has {new_desc}, and it can "
       f"only be loaded at image sizes that are integer multiples K of its side "
       f"({_allowed_sizes(patch, side)}, ...) with tokens_mlp_dim = K^2 times its own.")
@@ -113,7 +114,7 @@ def expand_token_mixing(dense0_kernel, dense0_bias, dense1_kernel, dense1_bias, 
   s, d_s = k0.shape
   side = _isqrt_exact(s)
   if side is None:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"Token-mixing kernel has {s} tokens, not a square grid; cannot expand it.")
   window, local = window_index_maps(side, k)
   n = k * k * s
@@ -142,7 +143,7 @@ def expand_if_needed(init_flat: Mapping[str, Any], pre_flat: Mapping[str, Any], 
     expansion for K = sqrt(S_model / S_checkpoint).
 
   Raises:
-    checkpoint.CheckpointError: the model's token count is not K^2 times the
+    errors.CheckpointError: the model's token count is not K^2 times the
       checkpoint's for an integer K >= 1, or the model's tokens_mlp_dim is not K^2
       times the checkpoint's.
   """
@@ -156,7 +157,7 @@ def expand_if_needed(init_flat: Mapping[str, Any], pre_flat: Mapping[str, Any], 
   patch = int(np.shape(stem)[0]) if stem is not None else None
   k = resolution_factor(old_tokens, new_tokens, source=source, patch_size=patch)
   if new_dim != k * k * old_dim:
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"{source} has tokens_mlp_dim {old_dim} and the model has {k}x its image side, "
         f"so the model must be built with tokens_mlp_dim={k * k * old_dim} (K^2 * D_S for "
         f"the block-diagonal high-resolution init) instead of {new_dim}.")
@@ -169,7 +170,7 @@ def expand_if_needed(init_flat: Mapping[str, Any], pre_flat: Mapping[str, Any], 
              f"{prefix}/Dense_1/kernel", f"{prefix}/Dense_1/bias"]
     missing = [n for n in names if n not in pre_flat]
     if missing:
-      raise checkpoint.CheckpointError(f"{source} is missing parameter {missing[0]}; it is "
+      raise errors.CheckpointError(f"{source} is missing parameter {missing[0]}; it is "
                                        "not a complete Mixer checkpoint.")
     expanded = expand_token_mixing(*(pre_flat[n] for n in names), k)
     out.update(zip(names, expanded))
@@ -191,7 +192,7 @@ def hires_model_overrides(pretrained_info: Mapping[str, Any], image_size: int) -
     {"tokens_mlp_dim": K^2 * D_S}, K = image_size / pre-training side.
 
   Raises:
-    checkpoint.CheckpointError: image_size is not an integer multiple of the
+    errors.CheckpointError: image_size is not an integer multiple of the
       pre-training side (or not divisible by the patch size).
   """
   info = dict(pretrained_info)
@@ -201,17 +202,20 @@ def hires_model_overrides(pretrained_info: Mapping[str, Any], image_size: int) -
     model = info["model"]
     patch, d_s = model["patch_size"], model["tokens_mlp_dim"]
     if not info.get("image_size"):
-      raise checkpoint.CheckpointError(
+      raise errors.CheckpointError(
           "The checkpoint info has no image_size; pass its parameter tree instead.")
     tokens = (int(info["image_size"]) // int(patch)) ** 2
   else:
-    described = checkpoint.describe(info)
-    patch, tokens, d_s = (described["patch_size"], described["num_tokens"],
-                          described["tokens_mlp_dim"])
+    flat = traverse_util.flatten_dict(info, sep="/")
+    if "stem/kernel" not in flat or _TOKEN_KEY not in flat:
+      raise errors.CheckpointError("Not a Mixer parameter tree (no stem/kernel or "
+                                   f"{_TOKEN_KEY}).")
+    patch = int(flat["stem/kernel"].shape[0])
+    tokens, d_s = (int(n) for n in flat[_TOKEN_KEY].shape)
   image_size = int(image_size)
   if image_size <= 0 or image_size % patch:
     side = _isqrt_exact(tokens) or 1
-    raise checkpoint.CheckpointError(
+    raise errors.CheckpointError(
         f"Image size {image_size} is not a positive multiple of the patch size {patch}; "
         f"use an integer multiple of the checkpoint's side ({_allowed_sizes(patch, side)}, ...).")
   k = resolution_factor(tokens, (image_size // patch) ** 2, source="The checkpoint",

@@ -1,9 +1,7 @@
-"""The train and eval step functions, free of TensorFlow and config libraries.
+"""The pure train and eval step functions (state.py jits them with their shardings).
 
-`train.py` builds the model, optimiser and data from an ml_collections config and
-jits these steps; `benchmark.py` builds the same steps from a plain attribute object
-on machines without TensorFlow. The `config` argument needs only attribute access to:
-seed, label_smoothing, mixup_alpha, loss, grad_accum_steps, nonfinite.
+The `config` argument needs only attribute access to: seed, label_smoothing,
+mixup_alpha, loss, grad_accum_steps, nonfinite.
 
 The train step is a pure function of (state, batch): every random number derives
 from (config.seed, step), so a resumed run is the same run.
@@ -107,14 +105,3 @@ def make_eval_step(model, config, num_classes: int):
     return sums
   return step_fn
 
-
-def optimizer_from_config(config, total_steps: int):
-  """(learning-rate schedule, optax chain) from the config's optimiser keys."""
-  schedule = optim.learning_rate_schedule(config.learning_rate, total_steps,
-                                          config.warmup_steps, config.lr_decay,
-                                          config.end_learning_rate)
-  tx = optim.make_optimizer(name=config.optimizer, schedule=schedule, b1=config.b1,
-                            b2=config.b2, eps=config.eps, momentum=config.momentum,
-                            weight_decay=config.weight_decay,
-                            grad_clip_norm=config.grad_clip_norm)
-  return schedule, tx

@@ -1,5 +1,12 @@
-"""Shared fixtures: a session TFDS data dir with the embedded digits, tiny configs."""
+"""Shared fixtures: a session TFDS data dir with the embedded digits, tiny configs;
+the markers `slow`, `multiprocess` and `faults`.
 
+Tests mirror the modules: tests/test_<module>.py for mixer_jax/<module>.py (and
+test_configs.py for configs/, test_launch.py for launch/, test_timm_compare.py and
+test_profile_step.py for benchmarks/; test_errors.py is the README's error catalogue).
+"""
+
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -13,6 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def pytest_configure(config):
+  # None is deselected by default: `bash tests/run.sh` (CI) runs every test; a quick
+  # suite is `bash tests/run.sh -m "not slow and not multiprocess and not faults"`.
+  config.addinivalue_line("markers", "slow: a single-process test of more than ~8 s.")
   config.addinivalue_line("markers", "faults: kill-and-resume fault injection (slow).")
   config.addinivalue_line("markers", "multiprocess: runs several JAX processes on localhost.")
 
@@ -76,3 +86,12 @@ def run_main(args, env_extra=None, timeout=300, config="configs/default.py"):
   cmd = [sys.executable, "-m", "mixer_jax.main", f"--config={config}"] + list(args)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def run_mains(*runs, timeout=300):
+  """Runs several `python -m mixer_jax.main` at once, each given as (args, env_extra):
+  independent runs of a test overlap their process starts and compilations on the
+  test machine's cores. Returns their CompletedProcesses in order."""
+  with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+    futures = [pool.submit(run_main, args, env_extra, timeout) for args, env_extra in runs]
+    return [f.result() for f in futures]

@@ -8,7 +8,10 @@ import pytest
 
 from mixer_jax import checkpoint
 from mixer_jax import models
-from test_models import TINY, np_mixer_forward, random_params
+from mixer_jax import errors
+from test_models import TINY, np_mixer_forward
+from test_models import _random_params as random_params
+from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint
 
 
 def _tiny(num_classes=5, **kw):
@@ -80,6 +83,22 @@ def test_head_is_reinitialised_for_a_new_class_count():
   np.testing.assert_array_equal(same["head"]["kernel"], pretrained["head"]["kernel"])
 
 
+def test_load_pretrained_of_a_released_npz_zeroes_the_new_head(tmp_path):
+  """A 10-class released-layout `.npz` (non-zero head bias) into a 3-class model."""
+  npz = checkpoint.load_npz(write_checkpoint(str(tmp_path / "c10.npz"), 10,
+                                             bias=np.arange(10, dtype=np.float32)))
+  model = models.create_model("S/4", 3, **NPZ_TINY)
+  fresh = models.init_params(model, NPZ_SIZE, jax.random.key(1))
+  merged = checkpoint.flatten(checkpoint.load_pretrained(fresh, npz, source="c10.npz"))
+  pre = checkpoint.flatten(npz)
+  assert merged["head/kernel"].shape == (NPZ_TINY["hidden_dim"], 3)
+  assert not np.any(merged["head/kernel"]) and not np.any(merged["head/bias"])
+  assert set(merged) == set(pre)
+  for k in merged:
+    if not k.startswith("head/"):
+      np.testing.assert_array_equal(merged[k], pre[k])
+
+
 def test_features_model_drops_the_checkpoint_head():
   pretrained = random_params(_tiny(num_classes=5), 16)
   fresh = models.init_params(_tiny(num_classes=0), 16)
@@ -90,13 +109,13 @@ def test_features_model_drops_the_checkpoint_head():
 def test_missing_key_is_named():
   pretrained = random_params(_tiny(), 16)
   del pretrained["MixerBlock_1"]["LayerNorm_1"]
-  with pytest.raises(checkpoint.CheckpointError, match="MixerBlock_1/LayerNorm_1/bias"):
+  with pytest.raises(errors.CheckpointError, match="MixerBlock_1/LayerNorm_1/bias"):
     checkpoint.load_pretrained(models.init_params(_tiny(), 16), pretrained)
 
 
 def test_wrong_shape_names_key_and_both_shapes():
   pretrained = random_params(_tiny(hidden_dim=10), 16)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r"MixerBlock_0/LayerNorm_0/bias has shape \(10,\) but the model "
                            r"expects \(8,\)"):
     checkpoint.load_pretrained(models.init_params(_tiny(), 16), pretrained)
@@ -104,7 +123,7 @@ def test_wrong_shape_names_key_and_both_shapes():
 
 def test_unexpected_key_is_named():
   pretrained = random_params(_tiny(num_blocks=3), 16)
-  with pytest.raises(checkpoint.CheckpointError, match="MixerBlock_2"):
+  with pytest.raises(errors.CheckpointError, match="MixerBlock_2"):
     checkpoint.load_pretrained(models.init_params(_tiny(), 16), pretrained)
 
 
@@ -113,13 +132,13 @@ def test_truncated_npz_and_non_checkpoint_files(tmp_path):
   checkpoint.save_npz(random_params(_tiny(), 16), str(path))
   data = path.read_bytes()
   (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
-  with pytest.raises(checkpoint.CheckpointError, match="truncated.npz is not a readable"):
+  with pytest.raises(errors.CheckpointError, match="truncated.npz is not a readable"):
     checkpoint.load_npz(str(tmp_path / "truncated.npz"))
   (tmp_path / "notes.txt").write_text("hello")
-  with pytest.raises(checkpoint.CheckpointError, match="notes.txt is not a readable"):
+  with pytest.raises(errors.CheckpointError, match="notes.txt is not a readable"):
     checkpoint.load_npz(str(tmp_path / "notes.txt"))
-  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+  with pytest.raises(errors.CheckpointError, match="does not exist"):
     checkpoint.load_npz(str(tmp_path / "missing.npz"))
   np.savez(tmp_path / "other.npz", weights=np.zeros(3))
-  with pytest.raises(checkpoint.CheckpointError, match="Not a Mixer parameter tree"):
+  with pytest.raises(errors.CheckpointError, match="Not a Mixer parameter tree"):
     checkpoint.load_params(str(tmp_path / "other.npz"))

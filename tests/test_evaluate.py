@@ -22,6 +22,7 @@ from PIL import Image
 from configs import common
 from configs import finetune
 from mixer_jax import checkpoint, evaluate, input_pipeline, models
+from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=4, num_blocks=1, hidden_dim=8, tokens_mlp_dim=4, channels_mlp_dim=8)
@@ -158,6 +159,7 @@ def _check_imagenet_result(result, expected, devices):
   assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_imagenet2012_exact_counts_1_and_8_devices(imagenet):
   common_args = [f"--checkpoint={imagenet['ckpt']}",
                  f"--config.data_dir={imagenet['data_dir']}",
@@ -207,24 +209,24 @@ def test_cli_error_is_one_sentence(imagenet, tmp_path):
 def test_errors_in_process(imagenet, tmp_path):
   ckpt = imagenet["ckpt"]
   # Unprepared TFDS datasets: what to do, not a traceback from TFDS.
-  with pytest.raises(input_pipeline.DataError, match="not prepared"):
+  with pytest.raises(errors.DataError, match="not prepared"):
     evaluate.evaluate(config_for("imagenet_v2", data_dir=str(tmp_path)), ckpt)
   # ... with TFDS's default manual dir, DATA_DIR/downloads/manual, in the message.
   manual = os.path.join(str(tmp_path), "downloads", "manual")
-  with pytest.raises(input_pipeline.DataError, match=f"ILSVRC2012_img_train.tar.*{manual}"):
+  with pytest.raises(errors.DataError, match=f"ILSVRC2012_img_train.tar.*{manual}"):
     evaluate.evaluate(config_for("imagenet2012", data_dir=str(tmp_path)), ckpt)
   # Another image size than the checkpoint's: names the allowed one.
-  with pytest.raises(evaluate.EvaluateError, match=r"image size 8\b.*evaluate at 8"):
+  with pytest.raises(errors.EvaluateError, match=r"image size 8\b.*evaluate at 8"):
     evaluate.evaluate(config_for("imagenet2012", data_dir=imagenet["data_dir"]), ckpt,
                       image_size=16)
-  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+  with pytest.raises(errors.CheckpointError, match="does not exist"):
     evaluate.evaluate(config_for("imagenet2012"), str(tmp_path / "missing"))
   # Class-count mismatch on a folder dataset (3 classes) and a features-only checkpoint.
   root = write_folder(str(tmp_path / "folder"), 3, 2)
-  with pytest.raises(evaluate.EvaluateError, match="1000-class head but dataset folder:"):
+  with pytest.raises(errors.EvaluateError, match="1000-class head but dataset folder:"):
     evaluate.evaluate(config_for(f"folder:{root}", eval_split="validation"), ckpt)
   features = write_checkpoint(str(tmp_path / "features.npz"), 0)
-  with pytest.raises(evaluate.EvaluateError, match="no classification head"):
+  with pytest.raises(errors.EvaluateError, match="no classification head"):
     evaluate.evaluate(config_for(f"folder:{root}", eval_split="validation"), features)
 
 

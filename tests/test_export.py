@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mixer_jax import checkpoint, export, models
+from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=4, num_blocks=2, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32)
@@ -64,7 +65,7 @@ def test_names_and_shapes(tiny):
   # Features model: no head entries.
   _, no_head = _random_params(num_classes=0)
   assert not any(k.startswith("head.") for k in export.params_to_timm(no_head))
-  with pytest.raises(checkpoint.CheckpointError, match="blocks.0.bogus.weight"):
+  with pytest.raises(errors.CheckpointError, match="blocks.0.bogus.weight"):
     export.timm_to_params({**sd, "blocks.0.bogus.weight": np.zeros(1)})
 
 
@@ -162,7 +163,7 @@ def test_cli_both_formats_and_errors(tiny, tmp_path):
 
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(checkpoint.CheckpointError, match="Cannot write output"):
+  with pytest.raises(errors.CheckpointError, match="Cannot write output"):
     export.export(ckpt, "npz", str(blocker / "sub" / "x.npz"))  # Parent is a file.
 
 

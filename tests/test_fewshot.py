@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mixer_jax import fewshot
+from mixer_jax import errors
 
 
 def _clusters(num_classes=10, per_class=40, dim=64, sep=3.0, seed=0):
@@ -58,11 +59,11 @@ def test_ridge_matches_both_forms():
 
 def test_too_few_examples_is_one_sentence():
   x, y = _clusters(per_class=3)
-  with pytest.raises(fewshot.FewShotError) as e:
+  with pytest.raises(errors.FewShotError) as e:
     fewshot.fewshot_accuracy(x, y, x, y, 10, shots=(5,))
   msg = str(e.value)
   assert "only 3 training examples" in msg and "5 shots" in msg and msg.count(". ") == 0
-  with pytest.raises(fewshot.FewShotError, match="labels must lie in"):
+  with pytest.raises(errors.FewShotError, match="labels must lie in"):
     fewshot.fewshot_accuracy(x, y, x, y, 5, shots=(1,))
 
 

@@ -1,16 +1,19 @@
-"""The model zoo: exact parameter counts, shapes, features, errors, numerics."""
+"""The model registry and the Mixer: exact parameter counts, layout, numerics, errors."""
 
 import os
-import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from mixer_jax import models
+from mixer_jax.kernels import cpu
+from mixer_jax.models import mixer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +23,7 @@ PAPER_COUNTS = {
     "L/32": 206_939_264, "L/16": 208_196_168, "H/14": 432_350_952,
 }
 TINY = dict(patch_size=4, num_blocks=2, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=12)
+KERNELS = ["xla", "cpu"]
 
 
 @pytest.mark.parametrize("variant,expected", sorted(PAPER_COUNTS.items()))
@@ -34,39 +38,77 @@ def test_headless_counts_match_reference():
     assert models.count_params(models.param_shapes(model, 224)) == headless
 
 
-def test_module_tree_matches_released_layout():
-  shapes = models.param_shapes(models.create_model("B/16", 1000), 224)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_module_tree_matches_released_layout(kernels):
+  shapes = models.param_shapes(models.create_model("B/16", 1000, kernels=kernels), 224)
   assert set(shapes) == {"stem", "pre_head_layer_norm", "head"} | {
       f"MixerBlock_{i}" for i in range(12)}
   block = jax.tree_util.tree_map(lambda s: s.shape, shapes["MixerBlock_3"])
-  assert block["token_mixing"]["Dense_0"]["kernel"] == (196, 384)
-  assert block["token_mixing"]["Dense_1"]["kernel"] == (384, 196)
-  assert block["channel_mixing"]["Dense_0"]["kernel"] == (768, 3072)
-  assert block["channel_mixing"]["Dense_1"]["kernel"] == (3072, 768)
-  assert block["LayerNorm_0"]["scale"] == (768,) and block["LayerNorm_1"]["bias"] == (768,)
+  assert block == {
+      "LayerNorm_0": {"scale": (768,), "bias": (768,)},
+      "token_mixing": {"Dense_0": {"kernel": (196, 384), "bias": (384,)},
+                       "Dense_1": {"kernel": (384, 196), "bias": (196,)}},
+      "LayerNorm_1": {"scale": (768,), "bias": (768,)},
+      "channel_mixing": {"Dense_0": {"kernel": (768, 3072), "bias": (3072,)},
+                         "Dense_1": {"kernel": (3072, 768), "bias": (768,)}}}
   assert shapes["stem"]["kernel"].shape == (16, 16, 3, 768)
   assert shapes["head"]["kernel"].shape == (768, 1000)
 
 
 def _tiny(num_classes=5, **kw):
-  fields = dict(TINY, **kw)
-  return models.create_model("S/4", num_classes, **fields)
+  return models.create_model("S/4", num_classes, **dict(TINY, **kw))
 
 
 def test_forward_shapes_features_and_tokens():
   images = jnp.linspace(-1, 1, 2 * 16 * 16 * 3).reshape(2, 16, 16, 3)
   model = _tiny()
   params = models.init_params(model, 16)
-  logits = model.apply({"params": params}, images, train=False)
+  logits, tokens = jax.jit(lambda p: (model.apply({"params": p}, images, train=False),
+                                      model.apply({"params": p}, images, return_tokens=True)))(params)
   assert logits.shape == (2, 5) and logits.dtype == jnp.float32
   np.testing.assert_array_equal(logits, 0.0)  # Zero-initialised head.
   features = _tiny(num_classes=0)
-  feats = features.apply({"params": {k: v for k, v in params.items() if k != "head"}}, images)
+  feats = jax.jit(features.apply)({"params": {k: v for k, v in params.items() if k != "head"}},
+                                  images)
   assert feats.shape == (2, 8)
-  tokens = model.apply({"params": params}, images, return_tokens=True)
   assert tokens.shape == (2, 16, 8)
   np.testing.assert_allclose(tokens.mean(axis=1), feats, rtol=1e-6, atol=1e-6)
   assert models.create_model("S/4", None, **TINY).num_classes is None
+
+
+# ------------------------------------------------------------------ the registry
+def test_kernels_choose_the_ops():
+  plain = models.create_model("S/32", 10, kernels="xla")
+  assert (plain.dot_general, plain.conv_general_dilated, plain.activation) == (
+      lax.dot_general, lax.conv_general_dilated, mixer.gelu)
+  fast = models.create_model("S/32", 10, kernels="cpu")
+  assert (fast.dot_general, fast.conv_general_dilated, fast.activation) == (
+      cpu.dot_general, cpu.conv_general_dilated, mixer.gelu)
+  auto = models.create_model("S/32", 10)  # This suite runs on the CPU backend.
+  assert jax.default_backend() == "cpu" and auto.dot_general is cpu.dot_general
+
+
+def test_a_family_registers_with_one_line(monkeypatch):
+  class Tiny(nn.Module):
+    num_classes: int
+    width: int
+    dropout: float = 0.0
+    dot_general: object = lax.dot_general
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      return nn.Dense(self.num_classes, dot_general=self.dot_general)(x.reshape(len(x), -1))
+
+  monkeypatch.setattr(models, "_FAMILIES", list(models._FAMILIES))
+  models.register(models.Family(r"tiny_(\d+)", lambda name: {"width": int(name[5:])}, Tiny))
+  model = models.create_model("tiny_3", 4, dropout=0.1)
+  assert (model.width, model.dropout, model.dot_general) == (3, 0.1, cpu.dot_general)
+  assert models.count_params(models.param_shapes(model, 4)) == 48 * 4 + 4
+  with pytest.raises(ValueError, match="width=0 must be a positive integer"):
+    models.create_model("tiny_0", 4)
+  with pytest.raises(ValueError, match="Unknown model field.*hidden_dim"):
+    models.create_model("tiny_3", 4, hidden_dim=3)
+  assert models.create_model("B/16", 4).hidden_dim == 768  # The Mixer is still there.
 
 
 @pytest.mark.parametrize("variant", ["X/16", "B16", "B/0", "b/16", "B/-2", ""])
@@ -87,10 +129,16 @@ def test_other_bad_inputs_raise():
     models.create_model("B/16", -3)
   with pytest.raises(ValueError, match="Unknown model field"):
     models.create_model("B/16", 10, hiden_dim=3)
+  with pytest.raises(ValueError, match="Unknown model field"):
+    models.create_model("B/16", 10, dot_general=lax.dot_general)  # Chosen by `kernels`.
   with pytest.raises(ValueError, match="stoch_depth"):
     models.create_model("B/16", 10, stoch_depth=1.5)
+  with pytest.raises(ValueError, match="dropout"):
+    models.create_model("B/16", 10, dropout=-0.1)
   with pytest.raises(ValueError, match="dtype"):
     models.create_model("B/16", 10, dtype="float8")
+  with pytest.raises(ValueError, match="Unknown kernels 'gpu'; use one of auto, xla, cpu"):
+    models.create_model("B/16", 10, kernels="gpu")
 
 
 def test_image_side_not_divisible_by_patch_raises():
@@ -99,14 +147,22 @@ def test_image_side_not_divisible_by_patch_raises():
     models.param_shapes(model, 200)
 
 
+# ------------------------------------------------------- training-time options
+def _random_params(model, image_size, seed=0, scale=0.5):
+  shapes = models.param_shapes(model, image_size)
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_unflatten(
+      treedef, [rng.normal(0, scale, s.shape).astype(np.float32) for s in leaves])
+
+
 def test_stochastic_depth_eval_is_deterministic_and_train_drops():
   model = _tiny(stoch_depth=0.5, num_blocks=4)
-  params = jax.tree_util.tree_map(
-      lambda p: jax.random.normal(jax.random.key(1), p.shape) * 0.3,
-      models.init_params(model, 16))
+  params = _random_params(model, 16, scale=0.3)
   images = jax.random.uniform(jax.random.key(2), (4, 16, 16, 3), minval=-1, maxval=1)
-  apply = lambda seed, train: model.apply({"params": params}, images, train=train,
-                                          rngs={"dropout": jax.random.key(seed)})
+  apply = jax.jit(lambda seed, train: model.apply(
+      {"params": params}, images, train=train, rngs={"dropout": jax.random.key(seed)}),
+                  static_argnums=1)
   np.testing.assert_array_equal(apply(0, False), apply(1, False))
   np.testing.assert_array_equal(apply(3, True), apply(3, True))
   assert not np.allclose(apply(0, True), apply(1, True))
@@ -115,7 +171,7 @@ def test_stochastic_depth_eval_is_deterministic_and_train_drops():
 def test_drop_path_survival_rate_and_rescaling():
   x = jnp.ones((20_000, 3, 2))
   rate = 0.3
-  y = models.drop_path(x, rate, jax.random.key(0))
+  y = mixer.drop_path(x, rate, jax.random.key(0))
   per_example = np.asarray(y[:, 0, 0])
   kept = per_example != 0
   # All of an example's branch is kept or dropped together (per-example decision).
@@ -125,13 +181,30 @@ def test_drop_path_survival_rate_and_rescaling():
   assert abs(float(y.mean()) - 1.0) < 0.03  # Expected value preserved.
 
 
+@pytest.mark.parametrize("branch", ["token_mixing", "channel_mixing"])
+def test_mixer_block_drops_each_residual_branch_at_its_rate(branch):
+  """Silence the other branch; then block(x) - x is 0 or branch(x) / (1 - rate)."""
+  rate, n = 0.5, 1000
+  block = mixer.MixerBlock(tokens_mlp_dim=8, channels_mlp_dim=16, stoch_depth=rate)
+  x = jax.random.normal(jax.random.key(0), (n, 4, 8))
+  params = block.init(jax.random.key(1), x[:1])["params"]
+  other = "channel_mixing" if branch == "token_mixing" else "token_mixing"
+  params[other]["Dense_1"] = jax.tree_util.tree_map(jnp.zeros_like, params[other]["Dense_1"])
+  both = jax.jit(lambda key: (block.apply({"params": params}, x, False) - x,
+                              block.apply({"params": params}, x, True, rngs={"dropout": key}) - x))
+  full, got = map(np.asarray, both(jax.random.key(2)))
+  assert np.abs(full).max(axis=(1, 2)).min() > 1e-3  # The branch is never 0 itself.
+  dropped = np.all(np.abs(got) < 1e-6, axis=(1, 2))
+  assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+  np.testing.assert_allclose(got[~dropped], full[~dropped] / (1 - rate), rtol=1e-4, atol=1e-5)
+
+
 def test_stochastic_depth_rates_rise_linearly_over_blocks():
-  import flax.linen as nn
   model = _tiny(stoch_depth=0.3, num_blocks=4)
   seen = {}
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, models.MixerBlock) and context.method_name == "__call__":
+    if isinstance(context.module, mixer.MixerBlock) and context.method_name == "__call__":
       seen[context.module.name] = context.module.stoch_depth
     return next_fun(*args, **kwargs)
 
@@ -141,211 +214,59 @@ def test_stochastic_depth_rates_rise_linearly_over_blocks():
                              [0.0, 0.1, 0.2, 0.3], atol=1e-9)
 
 
-def test_bfloat16_compute_keeps_float32_params():
-  model = _tiny(dtype="bfloat16")
-  params = models.init_params(model, 16)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_bfloat16_compute_keeps_float32_params(kernels):
+  model = _tiny(dtype="bfloat16", kernels=kernels)
+  params = models.param_shapes(model, 16)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   images = jnp.zeros((2, 16, 16, 3))
-  logits, state = model.apply({"params": params}, images, capture_intermediates=True,
-                              mutable=["intermediates"])
+  logits, state = jax.eval_shape(lambda p: model.apply(  # Dtypes from tracing alone.
+      {"params": p}, images, capture_intermediates=True, mutable=["intermediates"]), params)
   assert logits.dtype == jnp.float32
-  dense = state["intermediates"]["MixerBlock_0"]["channel_mixing"]["Dense_0"]["__call__"][0]
-  assert dense.dtype == jnp.bfloat16
+  block = state["intermediates"]["MixerBlock_0"]
+  for layer in (state["intermediates"]["stem"], block["channel_mixing"]["Dense_0"],
+                block["token_mixing"]["Dense_1"], block["LayerNorm_0"]):
+    assert layer["__call__"][0].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("columns", [False, True])
-@pytest.mark.parametrize("features", [24, 3])  # Output wider, then narrower, than the input.
-def test_dense_equals_flax_dense_in_value_and_gradients(features, columns):
-  # models.Dense hand-orders its matmuls; its parameters, outputs and gradients must
-  # still be nn.Dense's (with columns=True: nn.Dense applied to each column).
-  import flax.linen as nn
-  x = jax.random.normal(jax.random.key(0), (6, 20) if columns else (4, 5, 6))
-  ours, flax_dense = models.Dense(features, columns=columns), nn.Dense(features)
-  flax_apply = lambda p, x: flax_dense.apply(p, x.T).T if columns else flax_dense.apply(p, x)
-  params = ours.init(jax.random.key(1), x)
-  assert (jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
-      jnp.shape, flax_dense.init(jax.random.key(1), x.T if columns else x)))
-  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x)))
-  np.testing.assert_allclose(ours.apply(params, x), flax_apply(params, x), rtol=1e-6,
-                             atol=1e-6)
-  ours_grads = jax.grad(loss(ours.apply), argnums=(0, 1))(params, x)
-  flax_grads = jax.grad(loss(flax_apply), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(ours_grads), jax.tree_util.tree_leaves(flax_grads)):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_remat_equals_no_remat(kernels):
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  plain, remat = _tiny(kernels=kernels), _tiny(kernels=kernels, remat=True)
+  params = _random_params(plain, 16, scale=0.3)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+      models.param_shapes(remat, 16))
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, images, train=True)))))
+  (a, grads_a), (b, grads_b) = loss(plain)(params), loss(remat)(params)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  for u, v in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,epsilon,extra", [
-    (jnp.float32, models.LAYER_NORM_EPSILON, {}), (jnp.bfloat16, models.LAYER_NORM_EPSILON, {}),
-    (jnp.float32, 0.5, {}),  # The module's epsilon is the one used.
-    (jnp.float32, 1e-6, {"use_bias": False}),  # Other settings: flax's own LayerNorm.
-])
-def test_layer_norm_equals_flax_layer_norm_in_value_and_gradients(dtype, epsilon, extra):
-  # models.LayerNorm has its own backward pass; its parameters, outputs and gradients
-  # must still be nn.LayerNorm's.
-  import flax.linen as nn
-  x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 16))).astype(dtype)
-  kw = dict(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, **extra)
-  ours, theirs = models.LayerNorm(**kw), nn.LayerNorm(**kw)
-  params = ours.init(jax.random.key(1), x)
-  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
-      jnp.shape, theirs.init(jax.random.key(1), x))
-  params = jax.tree_util.tree_map(  # Not the identity: scale 1 and bias 0 hide mistakes.
-      lambda p: p + jax.random.normal(jax.random.key(p.size), p.shape), params)
-  y = ours.apply(params, x)
-  assert y.dtype == dtype
-  np.testing.assert_array_equal(y, theirs.apply(params, x))  # The same arithmetic.
-  weights = jax.random.normal(jax.random.key(2), x.shape)
-  loss = lambda module: lambda p, x: jnp.sum(weights * module.apply(p, x).astype(jnp.float32))
-  tol = dict(rtol=1e-4, atol=1e-4) if dtype == jnp.float32 else dict(rtol=0.02, atol=0.05)
-  ours_grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
-  flax_grads = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(ours_grads), jax.tree_util.tree_leaves(flax_grads)):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
-
-
-def test_gelu_derivatives_equal_the_tanh_formulas():
-  x = jnp.linspace(-8.0, 8.0, 2001)
-  tanh_form = lambda x: jax.nn.gelu(x, approximate=True)
-  for f, g in [(models.gelu, tanh_form), (jax.grad(models.gelu), jax.grad(tanh_form)),
-               (jax.grad(jax.grad(models.gelu)), jax.grad(jax.grad(tanh_form)))]:
-    np.testing.assert_allclose(jax.vmap(f)(x), jax.vmap(g)(x), rtol=1e-4, atol=5e-5)
-
-
-def test_gelu_derivative_is_recomputed_not_kept_from_the_forward_pass():
-  # bias_gelu's backward recomputes the derivative from the matmul output; without its
-  # barrier XLA merges that with the forward pass's sigmoid (one exponential in all), so
-  # the forward pass would write the sigmoid for the backward pass to read.
-  block = models.MlpBlock(mlp_dim=64, dtype=jnp.bfloat16)
-  x = jnp.ones((128, 32), jnp.bfloat16)
-  params = block.init(jax.random.key(0), x)
-  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x).astype(jnp.float32) ** 2)))
-  hlo = grad.lower(params, x).compile().as_text()
-  assert len(re.findall(r"= \S+ (?:exponential|logistic)\(", hlo)) == 2
-
-
-def test_backward_pass_keeps_no_float32_activations_in_bfloat16():
-  # What the train step keeps from forward to backward, in bfloat16 compute: no float32
-  # array of the activations' size (LayerNorm's autodiff kept three per norm), and two
-  # arrays of the MLP hidden size (autodiff kept five): the first Dense's output, which
-  # the GELU's backward pass reads, and the GELU's output, the second Dense's input.
-  model = _tiny(dtype="bfloat16", num_blocks=1)
-  params = models.init_params(model, 16)
-  images = jnp.zeros((2, 16, 16, 3))
-  _, vjp = jax.vjp(lambda p: model.apply({"params": p}, images, train=True), params)
-  kept = [a for a in jax.tree_util.tree_leaves(vjp) if hasattr(a, "dtype")]
-  activation = 2 * 16 * 8  # batch x tokens x channels
-  assert not [a.shape for a in kept if a.dtype == jnp.float32 and a.size >= activation]
-  channel_hidden = [a for a in kept if a.shape == (2, 16, 12)]  # batch x tokens x hidden
-  assert len(channel_hidden) == 2, [a.shape for a in channel_hidden]
-
-
-@pytest.mark.parametrize("columns", [False, True])
-def test_dense_with_fused_gelu_equals_gelu_after_dense(columns):
-  x = jax.random.normal(jax.random.key(0), (6, 20) if columns else (4, 5, 6))
-  fused, plain = models.Dense(7, columns=columns, gelu=True), models.Dense(7, columns=columns)
-  params = plain.init(jax.random.key(1), x)
-  params = jax.tree_util.tree_map(lambda p: p + 0.3, params)  # A non-zero bias.
-  plain_apply = lambda p, x: models.gelu(plain.apply(p, x))
-  np.testing.assert_allclose(fused.apply(params, x), plain_apply(params, x), rtol=1e-6,
-                             atol=1e-6)
-  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(3.0 * apply(p, x)))
-  fused_grads = jax.grad(loss(fused.apply), argnums=(0, 1))(params, x)
-  plain_grads = jax.grad(loss(plain_apply), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(fused_grads), jax.tree_util.tree_leaves(plain_grads)):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="use_bias"):
-    models.Dense(7, gelu=True, use_bias=False).init(jax.random.key(0), x)
-
-
-def test_bias_gelu_gradients_have_the_inputs_shapes_and_dtypes():
-  for y, bias in [(jnp.ones((4, 3)), jnp.ones(3, jnp.bfloat16)),  # Mixed dtypes.
-                  (jnp.linspace(-2, 2, 4).reshape(4, 1), jnp.linspace(-1, 1, 3))]:  # y broadcast.
-    f = lambda y, b: jnp.sum(jnp.sin(models.bias_gelu(y, b)))
-    g = lambda y, b: jnp.sum(jnp.sin(models.gelu(y + b)))
-    ours, plain = jax.grad(f, (0, 1))(y, bias), jax.grad(g, (0, 1))(y, bias)
-    for a, b, primal in zip(ours, plain, (y, bias)):
-      assert a.shape == primal.shape and a.dtype == primal.dtype
-      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-2, atol=1e-2)
-
-
-def test_forward_mode_ad_option_gives_jvp_and_same_outputs():
+def test_plain_model_supports_forward_mode_autodiff():
+  # kernels="xla" is flax's own layers: jvp agrees with reverse mode, <J t, v> = <t, J^T v>.
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  default, forward = _tiny(), _tiny(forward_mode_ad=True)
-  params = models.init_params(default, 16)
+  model = _tiny(kernels="xla")
+  params = _random_params(model, 16, scale=0.3)
   tangent = jax.tree_util.tree_map(jnp.ones_like, params)
-  f = lambda model: lambda p: model.apply({"params": p}, images, return_tokens=True)
-  with pytest.raises(TypeError, match="custom_vjp"):
-    jax.jvp(f(default), (params,), (tangent,))  # The custom VJP has no forward mode.
-  out, jvp_out = jax.jvp(f(forward), (params,), (tangent,))
-  np.testing.assert_allclose(out, f(default)(params), rtol=1e-5, atol=1e-6)
-  # Forward mode agrees with reverse mode of the default model: <J t, v> = <t, J^T v>.
+  f = lambda p: model.apply({"params": p}, images, return_tokens=True)
+  out, jvp_out = jax.jit(lambda p, t: jax.jvp(f, (p,), (t,)))(params, tangent)
   v = jax.random.normal(jax.random.key(1), out.shape)
-  _, vjp = jax.vjp(f(default), params)
-  (cotangent,) = vjp(v)
-  lhs = jnp.vdot(jvp_out, v)
+  (cotangent,) = jax.jit(lambda p, v: jax.vjp(f, p)[1](v))(params, v)
   rhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(tangent),
                                           jax.tree_util.tree_leaves(cotangent)))
-  np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+  np.testing.assert_allclose(jnp.vdot(jvp_out, v), rhs, rtol=1e-4)
+  # And second derivatives (jax.hessian = jacfwd of jacrev), here in the stem's bias.
+  def loss(bias):
+    p = {**params, "stem": {**params["stem"], "bias": bias}}
+    return jnp.sum(model.apply({"params": p}, images) ** 2)
+  hess = jax.jit(jax.hessian(loss))(params["stem"]["bias"])
+  assert hess.shape == (8, 8) and bool(jnp.all(jnp.isfinite(hess)))
+  np.testing.assert_allclose(hess, hess.T, rtol=1e-4, atol=1e-6)
 
 
-def _lhs_contracting_dims(block, x, gradient=True):
-  """lhs_contracting_dims of every matmul XLA compiles for the block's gradient (or
-  its forward pass alone)."""
-  params = block.init(jax.random.key(0), x)
-  forward = lambda p, x: jnp.sum(block.apply(p, x) ** 2)
-  fn = jax.jit(jax.grad(forward, argnums=(0, 1)) if gradient else forward)
-  hlo = fn.lower(params, x).compile().as_text()
-  return re.findall(r" dot\(.*?lhs_contracting_dims=\{([\d,]*)\}", hlo)
-
-
-@pytest.mark.parametrize("columns", [False, True])
-def test_mlp_block_matmuls_contract_the_left_operand_over_its_last_axis(columns):
-  # The reason for models.Dense's custom VJP: XLA's CPU backend runs a matmul in its
-  # fast library only when the left operand is contracted over its last axis;
-  # autodiff's kernel gradients (and the columns layout's forward) contract it over
-  # the first. The plain products (forward_mode_ad=True) show the check can fail.
-  x = jnp.ones((16, 14)) if columns else jnp.ones((2, 7, 16))
-  ours = _lhs_contracting_dims(models.MlpBlock(mlp_dim=64, columns=columns), x)
-  plain = _lhs_contracting_dims(
-      models.MlpBlock(mlp_dim=64, columns=columns, forward_mode_ad=True), x)
-  assert len(ours) == 6 and set(ours) == {"1"}, ours
-  assert "0" in plain, plain
-  forward_only = _lhs_contracting_dims(models.MlpBlock(mlp_dim=64, columns=columns), x,
-                                       gradient=False)  # Evaluation: no custom VJP rule.
-  assert len(forward_only) == 2 and set(forward_only) == {"1"}, forward_only
-
-
-@pytest.mark.parametrize("columns", [False, True])
-def test_accelerators_get_the_plain_products(columns):
-  # The transposed copies are for XLA's CPU backend only: lowered for a GPU or TPU
-  # (no device needed to lower), the gradient's one optimization barrier is bias_gelu's
-  # (its recomputation of the GELU derivative), where CPU has more.
-  from jax import export
-  block = models.MlpBlock(mlp_dim=64, columns=columns)
-  x = jnp.ones((16, 14)) if columns else jnp.ones((2, 7, 16))
-  params = block.init(jax.random.key(0), x)
-  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1)))
-  lowered = {platform: export.export(grad, platforms=[platform])(params, x).mlir_module()
-             for platform in ("cpu", "cuda", "tpu")}
-  barriers = {k: v.count("stablehlo.optimization_barrier") for k, v in lowered.items()}
-  assert barriers["cuda"] == barriers["tpu"] == 1 < barriers["cpu"], barriers
-
-
-@pytest.mark.parametrize("rows_x,rows_g", [(12, 40), (40, 12)])
-def test_cpu_and_plain_kernel_gradients_agree(rows_x, rows_g):
-  # Both branches of lax.platform_dependent, run here on the CPU.
-  x = jax.random.normal(jax.random.key(0), (30, rows_x))
-  g = jax.random.normal(jax.random.key(1), (30, rows_g))
-  np.testing.assert_allclose(models._kernel_grad_cpu(x, g), models._kernel_grad(x, g),
-                             rtol=1e-5, atol=1e-5)
-  kernel = jax.random.normal(jax.random.key(2), (30, rows_g))
-  np.testing.assert_allclose(models._product_columns_cpu(x, kernel),
-                             models._product_columns(x, kernel), rtol=1e-5, atol=1e-5)
-
-
+# ------------------------------------------------- parity with the released layout
 def _np_layer_norm(x, scale, bias):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -383,16 +304,15 @@ def np_mixer_forward(images, p, patch):
   return x.mean(1) @ p["head"]["kernel"] + p["head"]["bias"]
 
 
-def random_params(model, image_size, seed=0):
-  shapes = models.param_shapes(model, image_size)
-  leaves, treedef = jax.tree_util.tree_flatten(shapes)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_unflatten(
-      treedef, [rng.normal(0, 0.5, s.shape).astype(np.float32) for s in leaves])
+def _float64(tree):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def test_one_block_matches_numpy_formula():
-  block = models.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_one_block_matches_numpy_formula(kernels):
+  ops = models.kernel_ops(kernels)
+  block = mixer.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12,
+                           **{k: v for k, v in ops.items() if k != "conv_general_dilated"})
   x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
   shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"]
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
@@ -400,17 +320,17 @@ def test_one_block_matches_numpy_formula():
   params = jax.tree_util.tree_unflatten(
       treedef, [rng.normal(0, 0.5, s.shape).astype(np.float32) for s in leaves])
   got = block.apply({"params": params}, x)
-  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-  np.testing.assert_allclose(got, np_mixer_block(x.astype(np.float64), p64), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got, np_mixer_block(x.astype(np.float64), _float64(params)),
+                             rtol=2e-5, atol=2e-5)
 
 
-def test_whole_model_matches_numpy_forward():
-  model = _tiny(num_classes=7)
-  params = random_params(model, 16)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_whole_model_matches_numpy_forward(kernels):
+  model = _tiny(num_classes=7, kernels=kernels)
+  params = _random_params(model, 16)
   images = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   got = model.apply({"params": params}, images)
-  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-  np.testing.assert_allclose(got, np_mixer_forward(images.astype(np.float64), p64, 4),
+  np.testing.assert_allclose(got, np_mixer_forward(images.astype(np.float64), _float64(params), 4),
                              rtol=1e-4, atol=1e-4)
 
 

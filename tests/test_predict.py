@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mixer_jax import checkpoint, models, predict
+from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=4, num_blocks=1, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32)
@@ -88,7 +89,7 @@ def test_cli_unreadable_image(files):
   assert "Traceback" not in r.stderr
   err = r.stderr.strip().splitlines()
   assert len(err) == 1 and files["bad"] in err[0] and "Cannot read image" in err[0]
-  with pytest.raises(predict.PredictError, match="missing.png"):
+  with pytest.raises(errors.PredictError, match="missing.png"):
     predict.predict(files["ckpt10"], [str(files["dir"] / "missing.png")])
-  with pytest.raises(predict.PredictError, match="image_size=16"):
+  with pytest.raises(errors.PredictError, match="image_size=16"):
     predict.predict(files["ckpt10"], [files["png"]], image_size=16)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mixer_jax import checkpoint, models, resolution
+from mixer_jax import errors
 
 TINY = dict(patch_size=4, num_blocks=2, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32)
 NUM_CLASSES = 5
@@ -110,19 +111,19 @@ def test_block_diagonal_layout(pretrained):
 def test_non_multiple_size_is_one_sentence_error(pretrained):
   model = _model(NUM_CLASSES, tokens_mlp_dim=32)
   init = models.param_shapes(model, 12)  # 3x3 tokens: 9 is not K^2 * 4.
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     checkpoint.load_pretrained(init, pretrained, source="tiny.npz")
   msg = str(e.value)
   assert "8, 16, 24 px" in msg and "12 px" in msg and msg.count(". ") == 0, msg
-  with pytest.raises(checkpoint.CheckpointError, match="8, 16, 24 px"):
+  with pytest.raises(errors.CheckpointError, match="8, 16, 24 px"):
     resolution.hires_model_overrides(pretrained, 12)
-  with pytest.raises(checkpoint.CheckpointError, match="multiple of the patch size"):
+  with pytest.raises(errors.CheckpointError, match="multiple of the patch size"):
     resolution.hires_model_overrides(pretrained, 10)
 
 
 def test_wrong_tokens_mlp_dim(pretrained):
   init = models.param_shapes(_model(NUM_CLASSES), 16)  # Built with the original D_S.
-  with pytest.raises(checkpoint.CheckpointError, match="tokens_mlp_dim=32"):
+  with pytest.raises(errors.CheckpointError, match="tokens_mlp_dim=32"):
     checkpoint.load_pretrained(init, pretrained, source="tiny.npz")
 
 
@@ -136,6 +137,6 @@ def test_overrides_from_describe_and_info(pretrained):
 
 def test_paper_sizes_message():
   # B/16 at 224 px -> 14x14 tokens; 304 px (19x19) is not allowed.
-  with pytest.raises(checkpoint.CheckpointError, match="224, 448, 672 px"):
+  with pytest.raises(errors.CheckpointError, match="224, 448, 672 px"):
     resolution.resolution_factor(196, 361, source="Mixer-B_16.npz", patch_size=16)
   assert resolution.resolution_factor(196, 784, patch_size=16) == 2

@@ -21,10 +21,11 @@ def test_defaults_are_the_issue_setting():
 
 
 def test_module_import_leaves_malloc_to_each_worker():
-  # The timm worker imports this module; importing it must not import mixer_jax, whose
-  # import changes the process's malloc settings.
-  code = "import sys; import timm_compare; print('mixer_jax' in sys.modules)"
+  # The timm worker imports this module too: importing it must not change the process's
+  # malloc settings (each worker decides, before its runtime starts threads).
+  code = "import timm_compare; from mixer_jax import host_memory; print(host_memory.applied())"
   proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "benchmarks"),
+                        env=dict(os.environ, MIXER_JAX_KEEP_HOST_MEMORY="1"),
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["False"]

@@ -1,16 +1,46 @@
-"""The training spine: data, sharded train step, eval counts, checkpoints, resume, errors."""
+"""train.py, the training spine: data, sharded train step, eval counts, checkpoints,
+resume, preemption, errors; the pre-training recipe (configs/imagenet1k_pretrain.py)
+end to end on a generated image folder with every augmentation on (marker `slow`);
+fine-tuning (`init_from`) from a tiny released-layout `.npz`, step by step against an
+independent computation; and fault injection (marker `faults`): SIGKILL a training
+run anywhere, restart it, get the same run.
+
+    bash tests/run.sh -m faults                         # in CI: 3 kill points
+    MIXER_FAULT_KILLS=10 bash tests/run.sh -m faults    # the full version
+
+The reference run and the killed-and-restarted run must end with bit-identical
+parameters (CPU). Checkpoints are written every step, so most kills land inside a
+checkpoint write (about a third of each step's wall time is saving).
+"""
 
 import glob
 import json
+import math
 import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from PIL import Image, ImageDraw
 import pytest
 
-from conftest import config_flags, run_main, tiny_config
+from conftest import REPO, config_flags, run_main, run_mains, tiny_config
+from configs import finetune
 from mixer_jax import checkpoint
+from mixer_jax import errors
+from mixer_jax import evaluate
 from mixer_jax import input_pipeline
+from mixer_jax import models
+from mixer_jax import resolution
 from mixer_jax import train
+from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint, write_folder
 
 
 def read_metrics(workdir):
@@ -25,6 +55,7 @@ def trained(data_dir, tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_training_writes_metrics_events_and_checkpoints(trained):
   workdir, result = trained
   rows = read_metrics(workdir)
@@ -43,6 +74,7 @@ def test_training_writes_metrics_events_and_checkpoints(trained):
   assert checkpoint.read_model_file(workdir)["num_classes"] == 10
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_raising_steps_continues(trained, data_dir):
   workdir, _ = trained
   before = read_metrics(workdir)
@@ -99,12 +131,14 @@ def _first_losses(workdir):
   return [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_give_the_same_loss(data_dir, tmp_path):
   flags = config_flags(data_dir, log_every_steps=1, eval_batch_size=48)
-  one = run_main(flags + [f"--workdir={tmp_path / 'one'}"])
+  one, eight = run_mains(
+      (flags + [f"--workdir={tmp_path / 'one'}"], None),
+      (flags + [f"--workdir={tmp_path / 'eight'}"],
+       {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
   assert one.returncode == 0, one.stderr[-3000:]
-  eight = run_main(flags + [f"--workdir={tmp_path / 'eight'}"],
-                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert eight.returncode == 0, eight.stderr[-3000:]
   assert "8 global devices" in eight.stderr
   np.testing.assert_allclose(_first_losses(tmp_path / "one"), _first_losses(tmp_path / "eight"),
@@ -157,13 +191,380 @@ def test_config_and_data_errors_are_one_sentence(data_dir, tmp_path, overrides, 
 def test_unwritable_workdir(data_dir, tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  with pytest.raises(train.WorkdirError, match="is not writable"):
+  with pytest.raises(errors.WorkdirError, match="is not writable"):
     train.train_and_evaluate(tiny_config(data_dir), str(blocker / "sub"))
 
 
+@pytest.mark.slow
 def test_workdir_of_a_different_model_is_refused(trained, data_dir):
   workdir, _ = trained
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(train.WorkdirError, match="different model"):
+  with pytest.raises(errors.WorkdirError, match="different model"):
     train.train_and_evaluate(tiny_config(data_dir, **{"model.hidden_dim": 24}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_preemption_watcher_agrees_lag_steps_after_the_signal():
+  import jax
+  from mixer_jax import sharding
+  watcher = train.PreemptionWatcher(sharding.make_mesh(1, jax.devices()[:1]))
+  try:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    answers = [watcher.should_stop(s) for s in range(2, 2 + watcher.LAG + 2)]
+  finally:
+    watcher.close()
+  # Checks already in flight say "go on"; the first one dispatched after the signal
+  # stops the run, LAG steps later.
+  assert answers == [False] * watcher.LAG + [True, True]
+
+
+# ------------------------------------------------- the pre-training recipe
+I1K = "configs/imagenet1k_pretrain.py:B/16"
+
+
+def _shape_image(rng, size=40):
+  """A random background with a random ellipse or rectangle of another colour."""
+  colour = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))
+  image = Image.new("RGB", (size, size), colour())
+  draw = ImageDraw.Draw(image)
+  x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+  x1, y1 = (int(v) for v in rng.integers(size // 2 + 4, size, 2))
+  shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+  shape([x0, y0, x1, y1], fill=colour())
+  return image
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """3 classes x 8 JPEGs (40x40) + a grayscale and an RGBA PNG + one corrupt JPEG."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for c in range(3):
+    os.makedirs(root / f"class_{c}")
+    for i in range(8):
+      _shape_image(rng).save(root / f"class_{c}" / f"img_{i}.jpg", quality=90)
+  Image.fromarray(rng.integers(0, 256, (40, 40), np.uint8), "L").save(root / "class_0" / "gray.png")
+  Image.fromarray(rng.integers(0, 256, (40, 40, 4), np.uint8), "RGBA").save(
+      root / "class_1" / "rgba.png")
+  corrupt = root / "class_2" / "broken.jpg"
+  jpeg = (root / "class_2" / "img_0.jpg").read_bytes()
+  corrupt.write_bytes(jpeg[:len(jpeg) // 3])  # A truncated JPEG: header fine, data cut.
+  return str(root), str(corrupt)
+
+
+def _lines(text):
+  return [l for l in text.splitlines() if l.strip()]
+
+
+def test_corrupt_image_in_a_folder_is_one_error_line_naming_it(image_folder, tmp_path):
+  root, corrupt = image_folder
+  result = run_main([f"--workdir={tmp_path / 'w'}", f"--config.dataset=folder:{root}"],
+                    config=I1K, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  naming = [l for l in _lines(result.stderr) if corrupt in l]
+  assert len(naming) == 1 and naming[0].startswith("Error: Image file ")
+  assert "skip_corrupt_images" in naming[0]
+  assert _lines(result.stderr)[-1] == naming[0]
+
+
+@pytest.mark.slow
+def test_imagenet1k_recipe_trains_on_an_image_folder_with_every_augmentation(image_folder,
+                                                                             tmp_path):
+  """configs/imagenet1k_pretrain.py end to end, shrunk, with every augmentation and
+  regulariser, accumulation and bfloat16 on; the corrupt file skipped and named."""
+  root, corrupt = image_folder
+  workdir = tmp_path / "w"
+  args = {
+      "dataset": f"folder:{root}", "skip_corrupt_images": True,
+      "image_size": 32, "model.patch_size": 8, "model.num_blocks": 1,
+      "model.hidden_dim": 16, "model.tokens_mlp_dim": 8, "model.channels_mlp_dim": 32,
+      "batch_size": 8, "grad_accum_steps": 2, "dtype": "bfloat16", "num_train_steps": 3,
+      "warmup_steps": 1, "eval_split": "train", "log_every_steps": 3,
+      "eval_every_steps": 3, "checkpoint_every_steps": 3,
+      # Every augmentation and regulariser on.
+      "train_crop": "inception", "train_flip": True, "randaugment_layers": 2,
+      "randaugment_magnitude": 15, "mixup_alpha": 0.5, "model.stoch_depth": 0.1,
+      "model.dropout": 0.1, "label_smoothing": 0.1, "log_image_grid": True,
+  }
+  # XLA's CPU backend optimisations only cost compile time for these 3 tiny steps.
+  result = run_main([f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in args.items()],
+                    config=I1K, timeout=240,
+                    env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Skipping 1 corrupt image file(s)" in result.stderr and corrupt in result.stderr
+
+  rows = read_metrics(workdir)
+  train_rows = [r for r in rows if "train/loss" in r]
+  eval_rows = [r for r in rows if "eval/accuracy" in r]
+  assert train_rows and eval_rows
+  assert all(isinstance(r["train/loss"], float) and math.isfinite(r["train/loss"])
+             for r in train_rows)
+  assert 0.0 <= eval_rows[-1]["eval/accuracy"] <= 1.0
+  # 24 JPEGs + the grayscale and RGBA PNGs, each once; the corrupt file left out.
+  assert eval_rows[-1]["eval/num_examples"] == 26
+  assert os.path.isdir(workdir / "checkpoints" / "3")
+
+  import tensorflow as tf
+  events = glob.glob(str(workdir / "events.out.tfevents.*"))
+  assert events
+  grids = []
+  for path in events:
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == "train/augmented_images":
+          assert value.metadata.plugin_data.plugin_name == "images"
+          grids.append(tf.io.decode_png(value.tensor.string_val[2]).numpy())
+  assert len(grids) == 1
+  # 8 images of 32x32 on a 3x3 grid, with real (varied) content.
+  assert grids[0].shape == (96, 96, 3) and grids[0][:64].std() > 5
+
+
+# ---------------------------------------------------- fine-tuning (init_from)
+# configs/finetune.py from a tiny released-layout `.npz` on a generated folder: the
+# checkpoints after steps 1 and 2 are the `.npz` (head re-initialised to zeros) plus one
+# and two clipped momentum-SGD steps, computed independently here; `evaluate` on the
+# workdir reproduces the trainer's own final evaluation.
+def _finetune_config(root, npz, **overrides):
+  c = finetune.get_config(f"folder:{root}")
+  for k, v in NPZ_TINY.items():
+    c.model[k] = v
+  c.init_from = npz
+  c.image_size = NPZ_SIZE
+  c.batch_size = 8
+  c.num_train_steps = 2
+  c.warmup_steps = 0  # The first step then uses the full learning rate.
+  c.checkpoint_every_steps = 1
+  c.eval_every_steps = 2
+  c.log_every_steps = 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.slow
+def test_finetune_end_to_end(tmp_path):
+  root = write_folder(str(tmp_path / "data"), 3, 8)
+  npz_path = write_checkpoint(str(tmp_path / "Mixer-tiny_10.npz"), 10,
+                              bias=np.linspace(-1, 1, 10).astype(np.float32))
+  config = _finetune_config(root, npz_path)
+  workdir = str(tmp_path / "work")
+  final = train.train_and_evaluate(config, workdir)
+
+  # Independent reference: the trainer's first two batches, the .npz with a fresh zero
+  # head, and two clipped momentum-SGD steps written out by hand.
+  source = input_pipeline.get_source(config)
+  batches = iter(input_pipeline.train_dataset(source, config, 8, 3, 0, 1))
+  model = models.create_model("S/4", 3, **NPZ_TINY)
+
+  def clipped_grads(flat_params):
+    batch = input_pipeline.to_numpy(next(batches))
+
+    def loss(p):
+      logits = model.apply({"params": p}, batch["image"], train=False)
+      return optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], 3)).mean()
+
+    grads = checkpoint.flatten(jax.device_get(jax.grad(loss)(checkpoint.unflatten(
+        {k: jnp.asarray(v) for k, v in flat_params.items()}))))
+    norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in grads.values())))
+    return {k: g * min(1.0, config.grad_clip_norm / norm) for k, g in grads.items()}
+
+  start = checkpoint.flatten(checkpoint.load_npz(npz_path))
+  start["head/kernel"] = np.zeros((NPZ_TINY["hidden_dim"], 3), np.float32)
+  start["head/bias"] = np.zeros(3, np.float32)
+  lr = [config.learning_rate, config.learning_rate * 0.5]  # Cosine over 2 steps, no warmup.
+  g1 = clipped_grads(start)
+  expected1 = {k: start[k] - lr[0] * g1[k] for k in start}
+  g2 = clipped_grads(expected1)
+  expected2 = {k: expected1[k] - lr[1] * (g2[k] + config.momentum * g1[k]) for k in start}
+
+  step1, info = checkpoint.load_params(os.path.join(workdir, "checkpoints", "1"))
+  step2, _ = checkpoint.load_params(os.path.join(workdir, "checkpoints", "2"))
+  step1, step2 = checkpoint.flatten(step1), checkpoint.flatten(step2)
+  assert set(step1) == set(start) and info["num_classes"] == 3
+  for k in start:
+    np.testing.assert_allclose(step1[k], expected1[k], atol=2e-6, err_msg=k)
+    np.testing.assert_allclose(step2[k], expected2[k], atol=2e-6, err_msg=k)
+  # With a zero head kernel no gradient reaches the body, so the first step moves only
+  # the head; the second moves everything.
+  assert np.any(step1["head/kernel"])
+  for k in start:
+    if not k.startswith("head/"):
+      np.testing.assert_array_equal(step1[k], start[k])
+  moved = [k for k in start if np.any(step2[k] != start[k])]
+  assert "stem/kernel" in moved and "MixerBlock_0/token_mixing/Dense_0/kernel" in moved
+  with open(os.path.join(workdir, "model.json")) as f:
+    assert json.load(f)["model"] == NPZ_TINY
+
+  # evaluate on the workdir (latest step = 2) reproduces the trainer's final evaluation.
+  result = evaluate.evaluate(config, workdir)
+  assert result["split"] == "validation" and result["num_examples"] == 24
+  assert result["top1"] == pytest.approx(final["accuracy"], abs=1e-9)
+  assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_finetune_higher_resolution(tmp_path):
+  """At twice the checkpoint's side: K^2 = 4 block-diagonal token-mixing copies."""
+  root = write_folder(str(tmp_path / "data"), 3, 4)
+  npz_path = write_checkpoint(str(tmp_path / "Mixer-tiny_10.npz"), 10)
+  config = _finetune_config(root, npz_path, image_size=2 * NPZ_SIZE, num_train_steps=1)
+  workdir = str(tmp_path / "work")
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "model.json")) as f:
+    record = json.load(f)
+  assert record["image_size"] == 16
+  assert record["model"] == dict(NPZ_TINY, tokens_mlp_dim=4 * NPZ_TINY["tokens_mlp_dim"])
+  # The zero head passes no gradient to the body in step 1: the body is still the init.
+  step1 = checkpoint.flatten(checkpoint.load_params(workdir)[0])
+  pre = checkpoint.flatten(checkpoint.load_npz(npz_path))
+  prefix = "MixerBlock_0/token_mixing/"
+  expanded = resolution.expand_token_mixing(
+      *(pre[prefix + n] for n in ("Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel",
+                                  "Dense_1/bias")), 2)
+  for n, v in zip(("Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel", "Dense_1/bias"),
+                  expanded):
+    np.testing.assert_array_equal(step1[prefix + n], v)
+  for k in pre:
+    if not k.startswith(("head/", prefix)):
+      np.testing.assert_array_equal(step1[k], pre[k])
+  # The workdir evaluates at its own 16 px and names that size when asked for 8.
+  assert evaluate.evaluate(config, workdir)["image_size"] == 16
+  with pytest.raises(errors.EvaluateError, match="image size 16"):
+    evaluate.evaluate(config, workdir, image_size=8)
+
+
+# ---------------------------------------------------------------------- faults
+STEPS = 24
+
+
+def _flags(data_dir, workdir):
+  return config_flags(data_dir, num_train_steps=STEPS, checkpoint_every_steps=1,
+                      keep_checkpoints=2, log_every_steps=4,
+                      eval_every_steps=STEPS) + [f"--workdir={workdir}"]
+
+
+def _start(data_dir, workdir, log_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  # Logs go to a file: a pipe nobody reads would fill up and stall the run.
+  with open(log_path, "w") as log:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mixer_jax.main", "--config=configs/default.py"]
+        + _flags(data_dir, workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=log)
+
+
+def _finish(proc, log_path):
+  proc.wait(timeout=600)
+  with open(log_path) as f:
+    log = f.read()
+  assert proc.returncode == 0, log[-3000:]
+  return log
+
+
+def _wait_until_training(proc, log_path, timeout=300):
+  """Blocks until the run logs its first training line (imports, restore and
+  compilation done) or exits."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    with open(log_path) as f:
+      if "Training S/2" in f.read():
+        return
+    time.sleep(0.05)
+
+
+def _latest_step(workdir) -> int:
+  path = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+  return max(steps, default=0)
+
+
+def _save_in_progress(workdir) -> bool:
+  """Whether a checkpoint write was cut: orbax temp dirs or a data-state temp dir."""
+  for root, dirs, _ in os.walk(workdir):
+    if any("tmp" in d for d in dirs):
+      return True
+  return False
+
+
+def _final_params(workdir):
+  params, _ = checkpoint.load_params(str(workdir))
+  return checkpoint.flatten(params)
+
+
+def _assert_identical(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  log = workdir.parent / "reference.log"
+  proc = _start(data_dir, workdir, log)
+  _wait_until_training(proc, log)
+  start = time.time()
+  _finish(proc, log)
+  return workdir, _final_params(workdir), time.time() - start
+
+
+@pytest.mark.faults
+def test_sigkill_anywhere_then_restart_is_bit_identical(data_dir, tmp_path, reference):
+  _, expected, train_seconds = reference
+  kills = int(os.environ.get("MIXER_FAULT_KILLS", "3"))
+  rng = random.Random(int(os.environ.get("MIXER_FAULT_SEED", "0")))
+  workdir = tmp_path / "killed"
+  killed, during_save, attempts = 0, 0, 0
+  while True:
+    attempts += 1
+    assert attempts <= 4 * kills + 4, "the run made no progress between kills"
+    log_path = tmp_path / f"attempt_{attempts}.log"
+    proc = _start(data_dir, workdir, log_path)
+    final_saved = os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
+    if killed < kills and not final_saved:
+      # Kill anywhere in the training part of the run (steps, checkpoint writes,
+      # evaluation), timed from the moment the run starts training.
+      _wait_until_training(proc, log_path)
+      # Spread the remaining kills over the remaining steps.
+      done = _latest_step(workdir)
+      remaining = train_seconds * (STEPS - done) / STEPS
+      deadline = time.time() + rng.uniform(0.0, 1.6 * remaining / (kills - killed + 1))
+      while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed += 1
+        during_save += _save_in_progress(workdir)
+        continue
+    log = _finish(proc, log_path)
+    if killed >= kills or final_saved or os.path.isdir(
+        os.path.join(workdir, "checkpoints", str(STEPS))):
+      break
+  print(f"{killed} kills, {during_save} during a checkpoint write, {attempts} starts")
+  assert killed == kills, f"only {killed} of {kills} kills landed before the run finished"
+  if killed >= 10:
+    assert during_save >= 1, "no kill landed inside a checkpoint write"
+  # The last start resumed (it did not silently start over from step 0).
+  assert "Resumed from step" in log
+  _assert_identical(_final_params(workdir), expected)
+
+
+@pytest.mark.faults
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path,
+                                                                    reference):
+  ref_dir, expected, _ = reference
+  workdir = tmp_path / "truncated"
+  shutil.copytree(ref_dir, workdir)
+  latest = os.path.join(workdir, "checkpoints", str(STEPS))
+  victims = [os.path.join(root, f) for root, _, files in os.walk(latest) for f in files
+             if os.path.getsize(os.path.join(root, f)) > 1000]
+  for path in victims:  # Truncate every data file of the newest step.
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  err = _finish(_start(data_dir, workdir, tmp_path / "run.log"), tmp_path / "run.log")
+  assert f"Checkpoint step {STEPS}" in err and "unreadable" in err
+  assert f"Resumed from step {STEPS - 1}" in err
+  assert os.listdir(os.path.join(workdir, "unreadable_checkpoints"))  # Kept, not deleted.
+  # The run fell back to step STEPS-1, redid the last step and ended where it would have.
+  _assert_identical(_final_params(workdir), expected)

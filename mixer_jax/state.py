@@ -1,0 +1,200 @@
+"""One setup path: model, optimiser, train state, shardings and jitted steps from a config.
+
+Every entry point (train, evaluate, predict, memory, benchmark) builds what a step
+needs here, so a new model family, optimiser or sharding rule is wired once. No
+TensorFlow, tfds, ml_collections or clu import: the benchmark runs this on GPU images
+that lack them, so `config` only needs attribute access (a ConfigDict from configs/
+or any object with the same fields).
+
+  setup = state.Setup(config, num_classes, total_steps)  # or fields= a checkpoint's
+  train_state = setup.init_state()
+  train_step = setup.train_step()            # jitted, sharded, state donated
+  sums = setup.eval_step()(params, batch)   # jitted, replicated sums
+"""
+
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixer_jax import errors
+from mixer_jax import models
+from mixer_jax import optim
+from mixer_jax import sharding
+from mixer_jax import steps
+
+SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
+LOSSES = ("softmax", "sigmoid")
+NONFINITE = ("stop", "skip")
+
+
+# ------------------------------------------------------------------ the config
+def validate_config(config) -> None:
+  """One clear sentence per bad value, before anything is compiled."""
+  def check(name, ok, requirement):
+    value = (getattr(config, name) if "." not in name
+             else getattr(config.model, name.split(".", 1)[1]))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and ok(value)):
+      raise errors.ConfigError(f"config.{name}={value!r} must be {requirement}.")
+
+  for name in ("batch_size", "image_size", "grad_accum_steps",
+               "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+               "keep_checkpoints", "mesh_model"):
+    check(name, lambda v: v > 0, "a positive number")
+  for name in ("num_train_steps", "learning_rate", "warmup_steps", "weight_decay",
+               "grad_clip_norm", "mixup_alpha", "randaugment_layers", "eval_batch_size",
+               "num_classes", "end_learning_rate", "fewshot_every_steps"):
+    check(name, lambda v: v >= 0, "zero or positive")
+  if config.num_train_steps == 0:
+    check("num_epochs", lambda v: v > 0, "a positive number (or set num_train_steps)")
+  check("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
+  check("randaugment_magnitude", lambda v: 0 <= v <= 30, "in [0, 30] (paper: 15)")
+  check("eval_crop_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+  for name in SIZE_FIELDS:
+    check(f"model.{name}", lambda v: isinstance(v, int) and v >= 0,
+          "a positive integer (or 0 for the variant's value)")
+  for name, allowed in (("loss", LOSSES), ("nonfinite", NONFINITE),
+                        ("optimizer", optim.OPTIMIZERS), ("lr_decay", optim.SCHEDULES),
+                        ("sharding", sharding.STRATEGIES),
+                        ("train_crop", ("inception", "resize", "none")),
+                        ("eval_preprocess", ("resize_crop", "resize")),
+                        ("dtype", ("float32", "bfloat16", "float16"))):
+    if getattr(config, name) not in allowed:
+      raise errors.ConfigError(
+          f"config.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
+
+
+def model_fields(config) -> Dict[str, int]:
+  """The model's size fields: the variant's, where config.model does not set them."""
+  try:
+    spec = models.parse_variant(config.model.variant)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model.variant: {e}") from None
+  return {k: int(getattr(config.model, k) or getattr(spec, k)) for k in SIZE_FIELDS}
+
+
+def build_model(config, num_classes: int, fields: Optional[Dict[str, int]] = None, *,
+                train: bool = True, variant: Optional[str] = None):
+  """The model of `config` (size fields from `fields` if given, e.g. a checkpoint's).
+
+  `train=False` gives the evaluation model: no stochastic depth, no dropout (the
+  parameter tree is the same).
+  """
+  fields = model_fields(config) if fields is None else fields
+  # With every size field given, the variant's letter only names the family.
+  variant = variant or config.model.variant
+  try:
+    return models.create_model(
+        variant, num_classes, **fields,
+        stoch_depth=config.model.stoch_depth if train else 0.0,
+        dropout=config.model.dropout if train else 0.0,
+        dtype=config.dtype, head_bias_init=config.head_bias_init, remat=config.model.remat,
+        kernels=config.model.kernels)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
+def checkpoint_variant(info: Dict[str, Any]) -> str:
+  """The variant name for a checkpoint's model (`checkpoint.load_params`'s info).
+
+  Released files do not name theirs; every size field is given then, so the letter is
+  unused and only the family matters.
+  """
+  return info.get("variant") or f"S/{int(info['model']['patch_size'])}"
+
+
+def checkpoint_fields(info: Dict[str, Any]) -> Dict[str, int]:
+  return {k: int(info["model"][k]) for k in SIZE_FIELDS}
+
+
+def inference_model(info: Dict[str, Any], num_classes: int, dtype: str = "float32"):
+  """A checkpoint's evaluation model where no config exists (predict, export checks)."""
+  return models.create_model(checkpoint_variant(info), num_classes,
+                             **checkpoint_fields(info), dtype=dtype)
+
+
+# ----------------------------------------------------------------- the state
+class Setup:
+  """Model, optimiser, mesh and shardings of one run; builds its state and steps.
+
+  Attributes: config, num_classes, fields, model (training: stochastic depth and
+  dropout on), eval_model, schedule, tx, mesh, abstract_state (ShapeDtypeStructs
+  with their shardings), state_sharding, batch_sharding.
+  """
+
+  def __init__(self, config, num_classes: int, total_steps: int = 1, *,
+               fields: Optional[Dict[str, int]] = None, variant: Optional[str] = None,
+               mesh=None):
+    self.config, self.num_classes, self.variant = config, num_classes, variant
+    self.fields = model_fields(config) if fields is None else dict(fields)
+    self.model = build_model(config, num_classes, self.fields, variant=variant)
+    self.eval_model = build_model(config, num_classes, self.fields, train=False,
+                                  variant=variant)
+    self.schedule, self.tx = optim.from_config(config, total_steps)
+    self.mesh = sharding.make_mesh(config.mesh_model) if mesh is None else mesh
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    shapes = jax.eval_shape(self._init, jax.random.key(config.seed))  # Shape errors here.
+    self.state_sharding = sharding.state_shardings(shapes, self.mesh, config.sharding,
+                                                   config.fsdp_min_size)
+    self.abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+        self.state_sharding)
+
+  def _init(self, rng):
+    size = self.config.image_size
+    params = self.model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params)}
+
+  def feature_model(self):
+    """The evaluation model without its head: pooled pre-logits (few-shot probes)."""
+    return build_model(self.config, 0, self.fields, train=False, variant=self.variant)
+
+  def place_params(self, params):
+    """Host numpy parameters (the same on every process) -> global arrays, sharded."""
+    return place(params, self.state_sharding["params"])
+
+  @property
+  def num_params(self) -> int:
+    return models.count_params(self.abstract_state["params"])
+
+  def init_state(self):
+    """A fresh train state from config.seed, laid out by the shardings."""
+    return jax.jit(self._init, out_shardings=self.state_sharding)(
+        jax.random.key(self.config.seed))
+
+  def state_with_params(self, params):
+    """Step 0 with `params` (numpy, e.g. pre-trained) and a fresh optimiser state."""
+    params = self.place_params(params)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
+    return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding["step"]),
+            "params": params, "opt_state": opt_state}
+
+  def train_step(self):
+    """(state, global batch) -> (state, metrics), jitted with the state donated."""
+    step = steps.make_train_step(self.model, self.tx, self.config, self.num_classes)
+    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  def eval_step(self, model=None):
+    """(params, global batch) -> sums over its real examples, replicated."""
+    step = steps.make_eval_step(model or self.eval_model, self.config, self.num_classes)
+    return jax.jit(step, out_shardings=sharding.replicated(self.mesh))
+
+  def abstract_batch(self, batch_size: int):
+    """ShapeDtypeStructs of a global training batch (for lowering without data)."""
+    size = self.config.image_size
+    return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
+                                          sharding=self.batch_sharding),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
+                                          sharding=self.batch_sharding)}
+
+
+def place(tree, shardings):
+  """Host numpy arrays (the same on every process) -> global arrays with `shardings`."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+      tree, shardings)

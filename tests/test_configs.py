@@ -1,0 +1,131 @@
+"""configs/: the paper's pre-training recipes (Table 4, imagenet1k_pretrain.py,
+imagenet21k_pretrain.py and the imagenet.py alias) and the fine-tuning recipe per
+dataset (finetune.py, Appendix B), including `--config=configs/finetune.py:folder:/path`
+on the command line."""
+
+import math
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from conftest import REPO
+from configs import common
+from configs import finetune
+from configs import imagenet
+from configs import imagenet1k_pretrain
+from configs import imagenet21k_pretrain
+from mixer_jax import models
+from mixer_jax import train
+from mixer_jax import state as state_lib
+
+# ------------------------------------------------------------- pre-training
+# Paper (arXiv 2105.01601) Table 4 and Section 3, written here independently of the
+# config files: (RandAugment magnitude, mixup) per dataset and size; the rest shared.
+TABLE4 = {("i1k", "B"): (15, 0.5), ("i1k", "L"): (15, 0.5),
+          ("i21k", "B"): (10, 0.2), ("i21k", "L"): (20, 0.5)}
+SHARED = dict(num_epochs=300, learning_rate=0.001, weight_decay=0.1, dropout=0.0,
+              stoch_depth=0.1, optimizer="adam", b1=0.9, b2=0.999, grad_clip_norm=1.0,
+              warmup_steps=10_000, lr_decay="linear", batch_size=4096, image_size=224,
+              randaugment_layers=2, train_crop="inception", train_flip=True)
+CONFIGS = {"i1k": imagenet1k_pretrain, "i21k": imagenet21k_pretrain}
+
+
+@pytest.mark.parametrize("data,variant", [("i1k", "B/16"), ("i1k", "L/16"), ("i1k", "B/32"),
+                                          ("i21k", "B/16"), ("i21k", "L/16"), ("i21k", "L/32")])
+def test_configs_hold_the_paper_table4_values(data, variant):
+  c = CONFIGS[data].get_config(variant)
+  magnitude, mixup_alpha = TABLE4[(data, variant[0])]
+  assert c.model.variant == variant
+  assert c.randaugment_magnitude == magnitude
+  assert c.mixup_alpha == mixup_alpha
+  got = dict(num_epochs=c.num_epochs, learning_rate=c.learning_rate,
+             weight_decay=c.weight_decay, dropout=c.model.dropout,
+             stoch_depth=c.model.stoch_depth, optimizer=c.optimizer, b1=c.b1, b2=c.b2,
+             grad_clip_norm=c.grad_clip_norm, warmup_steps=c.warmup_steps,
+             lr_decay=c.lr_decay, batch_size=c.batch_size, image_size=c.image_size,
+             randaugment_layers=c.randaugment_layers, train_crop=c.train_crop,
+             train_flip=c.train_flip)
+  assert got == SHARED
+  # Decay to zero, the trainer derives the steps from 300 epochs, global batch kept.
+  assert c.end_learning_rate == 0.0 and c.num_train_steps == 0 and c.grad_accum_steps == 1
+  assert c.dtype == "bfloat16" and c.loss == "sigmoid"
+  state_lib.validate_config(c)
+  # Every key is one the trainer knows (configs only set keys of the base config).
+  assert set(c.keys()) == set(common.base_config().keys())
+
+
+def test_imagenet1k_config_data_eval_and_length():
+  c = imagenet1k_pretrain.get_config()  # Default variant: B/16.
+  assert c.model.variant == "B/16"
+  assert (c.dataset, c.train_split, c.eval_split) == ("imagenet2012", "train", "validation")
+  assert c.eval_preprocess == "resize_crop" and c.eval_crop_fraction == 0.875
+  assert c.head_bias_init == pytest.approx(math.log(1 / 1000), abs=0.01)
+  # ImageNet-1k train: 1,281,167 images; 300 epochs at 4096 -> ~93.8k steps.
+  assert train.total_train_steps(c, 1_281_167) == 93_835
+  # Paper-size model (Table 1 / REFERENCE.md count), from shapes only.
+  model = state_lib.build_model(c, 1000)
+  assert models.count_params(models.param_shapes(model, 224)) == 59_880_472
+
+
+def test_imagenet21k_config_holds_out_eval_images():
+  c = imagenet21k_pretrain.get_config("L/16")
+  assert c.eval_split == "train[:50000]" and c.train_split == "train[50000:]"
+  assert c.head_bias_init == pytest.approx(math.log(1 / 21_843), abs=0.01)
+
+
+def test_imagenet_config_is_the_imagenet1k_recipe():
+  assert imagenet.get_config().to_dict() == imagenet1k_pretrain.get_config().to_dict()
+  assert imagenet.get_config("L/16").to_dict() == imagenet1k_pretrain.get_config("L/16").to_dict()
+
+
+@pytest.mark.parametrize("module", [imagenet1k_pretrain, imagenet21k_pretrain, imagenet])
+@pytest.mark.parametrize("arg", ["S/16", "H/14", "B16", "X/16"])
+def test_configs_reject_unknown_variants_in_one_sentence(module, arg):
+  with pytest.raises(ValueError, match=r"^Unknown variant .*use one of B/16, B/32, L/16, L/32"
+                     ) as info:
+    module.get_config(arg)
+  assert "\n" not in str(info.value)
+
+
+# -------------------------------------------------------------- fine-tuning
+def test_finetune_recipe_per_dataset(tmp_path):
+  expected = {"imagenet2012": ("train", "validation", 20_000, 500),
+              "cifar10": ("train", "test", 10_000, 500),
+              "cifar100": ("train", "test", 10_000, 500),
+              "oxford_iiit_pet": ("train", "test", 500, 100),
+              "oxford_flowers102": ("train", "test", 500, 100)}
+  for name, (train_split, eval_split, steps, warmup) in expected.items():
+    c = finetune.get_config(name)
+    state_lib.validate_config(c)
+    assert (c.dataset, c.train_split, c.eval_split) == (name, train_split, eval_split)
+    assert (c.num_train_steps, c.warmup_steps) == (steps, warmup)
+    # Paper Appendix B.
+    assert (c.optimizer, c.momentum, c.batch_size, c.grad_clip_norm) == ("sgd", 0.9, 512, 1.0)
+    assert (c.lr_decay, c.weight_decay, c.learning_rate) == ("cosine", 0.0, 0.03)
+    assert (c.image_size, c.train_crop, c.train_flip) == (224, "inception", True)
+    assert c.randaugment_layers == 0 and c.mixup_alpha == 0 and c.model.stoch_depth == 0
+  # Folders: split subfolders when present, else a 90/10 slice of the images.
+  (tmp_path / "with" / "val").mkdir(parents=True)
+  (tmp_path / "test_only" / "test").mkdir(parents=True)
+  (tmp_path / "flat" / "cat").mkdir(parents=True)
+  for sub, splits in (("with", ("train", "validation")), ("test_only", ("train", "test")),
+                      ("flat", ("train[:90%]", "train[90%:]"))):
+    c = finetune.get_config(f"folder:{tmp_path / sub}")
+    assert (c.train_split, c.eval_split) == splits
+  with pytest.raises(ValueError, match="Unknown fine-tuning dataset 'mnist'"):
+    finetune.get_config("mnist")
+
+
+def test_finetune_command_line_argument_with_colon(tmp_path, monkeypatch):
+  """`--config=configs/finetune.py:folder:/path`: everything after the first colon."""
+  argv = ["prog", f"--config={REPO}/configs/finetune.py:folder:{tmp_path}",
+          "--config.init_from=Mixer-B_16.npz", "--config.learning_rate=0.01"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from there.
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values)
+  flag_values(argv)
+  c = flag_values.config
+  assert c.dataset == f"folder:{tmp_path}" and c.init_from == "Mixer-B_16.npz"
+  assert c.learning_rate == 0.01 and c.eval_split == "train[90%:]"
