@@ -122,3 +122,26 @@ def require_config(config, flag_value: str = ""):
           "pass --config=PATH[:ARG] with an existing file such as configs/default.py.",
           file=sys.stderr)
     sys.exit(USER_ERROR)
+
+
+def _leaf_keys(config, prefix=""):
+  keys = set()
+  for key, value in config.items():
+    keys |= (_leaf_keys(value, f"{prefix}{key}.") if hasattr(value, "items")
+             else {prefix + key})
+  return keys
+
+
+def require_known_keys(config, reference, flag_value: str = ""):
+  """A key that a config FILE sets but the trainer does not read (`c.batchsize = 8`) is
+  refused like a command-line typo: one sentence with a did-you-mean, exit 2."""
+  import difflib
+  known = _leaf_keys(reference)
+  unknown = sorted(_leaf_keys(config) - known)
+  if unknown:
+    hint = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+    print(f"Error: Config file {flag_value} sets unknown key {unknown[0]!r}" +
+          (f" (did you mean {hint[0]!r}?)" if hint else "") +
+          "; every key is listed in configs/common.py.", file=sys.stderr)
+    sys.exit(USER_ERROR)
+

@@ -67,6 +67,7 @@ from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import evaluation
 from mixer_jax import host_memory
+from mixer_jax import paths
 from mixer_jax import input_pipeline
 from mixer_jax import sharding
 
@@ -252,6 +253,9 @@ def _run():
   if FLAGS.config is None:
     raise errors.EvaluateError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
+  from configs import common
+  errors.require_known_keys(FLAGS.config, common.base_config(),
+                            FLAGS["config"].config_filename)
   if not FLAGS.checkpoint:
     raise errors.EvaluateError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
   from mixer_jax import distributed
@@ -262,7 +266,8 @@ def _run():
   # Only an explicit --config.image_size counts: config files carry a default size.
   requested = FLAGS.config.image_size if "image_size" in config_flags.get_override_values(
       FLAGS["config"]) else None
-  result = evaluate(FLAGS.config, FLAGS.checkpoint, split=FLAGS.split or None,
+  paths.resolve_config(FLAGS.config)
+  result = evaluate(FLAGS.config, paths.resolve(FLAGS.checkpoint), split=FLAGS.split or None,
                     image_size=requested, fewshot=FLAGS.fewshot,
                     fewshot_train_split=FLAGS.fewshot_train_split or None)
   if jax.process_index() == 0:

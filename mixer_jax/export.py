@@ -55,6 +55,7 @@ from absl import app, flags, logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
+from mixer_jax import paths
 
 FORMATS = ("timm", "npz")
 
@@ -244,7 +245,7 @@ def main(argv):
     print("--checkpoint is required; pass a .npz file or a training workdir.", file=sys.stderr)
     sys.exit(2)
   try:
-    info = export(FLAGS.checkpoint, FLAGS.format, FLAGS.output)
+    info = export(paths.resolve(FLAGS.checkpoint), FLAGS.format, paths.resolve(FLAGS.output))
   except errors.CheckpointError as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)

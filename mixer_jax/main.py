@@ -18,8 +18,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from configs import common
 from mixer_jax import errors
 from mixer_jax import host_memory
+from mixer_jax import paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
@@ -55,6 +57,8 @@ def main(argv):
   if FLAGS.config is None or not FLAGS.workdir:
     raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --workdir=DIR.")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
+  errors.require_known_keys(FLAGS.config, common.base_config(),
+                            FLAGS["config"].config_filename)
   try:
     errors.run_guarded(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.traceback)
   except BaseException as e:
@@ -65,6 +69,11 @@ def main(argv):
 
 
 def _run(config, workdir):
+  # Every path the user gave, absolute from here on (orbax needs absolute paths).
+  workdir = paths.resolve(workdir)
+  logging.info("Workdir: %s", workdir)
+  for key, value in paths.resolve_config(config).items():
+    logging.info("config.%s: %s", key, value)
   from mixer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,

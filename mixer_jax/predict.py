@@ -35,6 +35,7 @@ from absl import app, flags, logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
+from mixer_jax import paths
 
 BATCH_SIZE = 32
 
@@ -182,7 +183,7 @@ def main(argv):
     print("--checkpoint is required; pass a .npz file or a training workdir.", file=sys.stderr)
     sys.exit(2)
   try:
-    result = predict(FLAGS.checkpoint, argv[1:], FLAGS.top_k, FLAGS.image_size)
+    result = predict(paths.resolve(FLAGS.checkpoint), argv[1:], FLAGS.top_k, FLAGS.image_size)
   except (errors.PredictError, errors.CheckpointError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)

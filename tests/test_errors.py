@@ -218,6 +218,18 @@ def test_different_variant_in_workdir_keeps_checkpoints(data_dir, small_trained,
   assert sorted(os.listdir(small_trained / "checkpoints")) == before
 
 
+def test_unknown_key_in_a_config_file(data_dir, tmp_path):
+  config_file = tmp_path / "typo.py"
+  config_file.write_text("from configs import default\n\n\ndef get_config():\n"
+                         "  c = default.get_config()\n  c.batchsize = 8\n  return c\n")
+  result = run_main(config_flags(data_dir) + [f"--workdir={tmp_path / 'w'}"],
+                    config=str(config_file))
+  assert result.returncode == errors.USER_ERROR
+  assert_one_sentence(result.stderr, "sets unknown key 'batchsize' (did you mean "
+                                     "'batch_size'?)")
+  assert not (tmp_path / "w").exists()
+
+
 def test_unwritable_workdir(data_dir, tmp_path, capsys):
   (tmp_path / "a_file").write_text("x")
   code, err = guarded_run(tiny_config(data_dir), tmp_path / "a_file" / "w", capsys)

@@ -14,7 +14,7 @@ PACKAGE = os.path.join(REPO, "mixer_jax")
 
 # Top-level modules and subpackages of mixer_jax, by floor.
 FLOORS = {
-    0: ("errors", "kernels", "host_memory"),
+    0: ("errors", "kernels", "host_memory", "paths"),
     1: ("models", "optim", "sharding", "metrics", "distributed", "fewshot", "augment",
         "resolution", "datasets"),
     2: ("steps", "checkpoint", "input_pipeline"),
