@@ -251,13 +251,13 @@ class ForwardBench:
 
   def __init__(self, args):
     import jax
-    from mixer_jax import state
+    from mixer_jax import models, state
     self.args = args
     setup = state.Setup(run_config(args), args.num_classes)
     self.num_params = setup.num_params
     model = setup.eval_model
     self.forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-    self.params = setup.init_state()["params"]
+    self.params = models.init_params(model, args.image_size)  # No optimiser state.
     self.images = random_batch(args)["image"]
     self.lowered = self.forward.lower(self.params, self.images)
     self.compiled = self.lowered.compile()

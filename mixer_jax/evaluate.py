@@ -169,8 +169,7 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     check_classes(checkpoint_path, num_classes, config.dataset, early, config.num_classes)
 
   mesh = sharding.make_mesh(config.mesh_model)
-  eval_batch = config.eval_batch_size or config.batch_size // config.grad_accum_steps
-  sharding.check_batch_size(eval_batch, 1, mesh, name="eval_batch_size")
+  eval_batch = state_lib.eval_batch_size(config, mesh)
   split = split or default_split(config)
   fewshot_train_split = fewshot_train_split or config.train_split
   source = input_pipeline.get_source(config)  # Prepares an offline-buildable dataset.

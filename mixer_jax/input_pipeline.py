@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import math
 import os
+import pathlib
 import socket
 import time
 from typing import List, Optional, Tuple
@@ -160,9 +161,11 @@ class _TfdsSource:
           "file format (`tfds build --file_format=tfrecord`).")
     sequence = records.TfrecordExamples(self.builder, split,
                                         {"image": "image", "label": self.label_key})
-    if in_memory:
-      return InMemoryExamples.read(sequence)
-    return PythonExamples(sequence)
+    if not in_memory:
+      return PythonExamples(sequence)
+    examples = InMemoryExamples.read(sequence)
+    sequence.close()  # Its file descriptors; the examples are in memory now.
+    return examples
 
 
 class _FolderSource:
@@ -192,7 +195,7 @@ class _FolderSource:
     paths = [p for p, _ in items]
     labels = np.asarray([label for _, label in items], np.int64)
     if in_memory:
-      return InMemoryExamples([open(p, "rb").read() for p in paths], labels)
+      return InMemoryExamples([pathlib.Path(p).read_bytes() for p in paths], labels)
     return FileExamples(paths, labels)
 
 

@@ -66,6 +66,13 @@ def validate_config(config) -> None:
           f"config.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
 
 
+def eval_batch_size(config, mesh) -> int:
+  """The evaluation batch (default: one training micro-batch), checked against `mesh`."""
+  size = config.eval_batch_size or config.batch_size // config.grad_accum_steps
+  sharding.check_batch_size(size, 1, mesh, name="eval_batch_size")
+  return size
+
+
 def model_fields(config) -> Dict[str, int]:
   """The model's size fields: the variant's, where config.model does not set them."""
   try:

@@ -124,8 +124,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   state_lib.validate_config(config)
   mesh = sharding.make_mesh(config.mesh_model)
   sharding.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
-  eval_batch = config.eval_batch_size or config.batch_size // config.grad_accum_steps
-  sharding.check_batch_size(eval_batch, 1, mesh, name="eval_batch_size")
+  eval_batch = state_lib.eval_batch_size(config, mesh)
   prepare_workdir(workdir)
 
   # --- Input pipeline ---------------------------------------------------------
