@@ -39,8 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.channels_mlp_dim = 0
   c.model.stoch_depth = 0.0
   c.model.dropout = 0.0
-  c.model.remat = False
-  c.model.kernels = "auto"      # "xla" (plain flax) | "cpu" (kernels/) | "auto" (by backend).
+  c.model.remat_policy = "none"  # Recompute blocks in backprop: "full", "dots_saveable", ...
+  c.model.scan = False          # Blocks under nn.scan (faster compiles); params stacked.
+  c.model.kernels = "auto"      # "auto" (by backend) | "xla" (plain flax) | "cpu" | "pallas".
   c.dtype = "float32"           # Compute dtype; "bfloat16" on accelerators. Params stay fp32.
 
   # Loss and regularisation.

@@ -7,7 +7,7 @@ released `.npz` or a workdir of this codebase):
   python -m mixer_jax.main --config=configs/finetune.py:cifar10 \
       --config.init_from=Mixer-B_16.npz --workdir=/tmp/ft_cifar10
   python -m mixer_jax.main --config=configs/finetune.py:folder:/data/flowers \
-      --config.init_from=Mixer-B_16.npz --config.model.variant=B/16 --workdir=/tmp/ft_flowers
+      --config.init_from=/tmp/my_pretraining_workdir --workdir=/tmp/ft_flowers
   python -m mixer_jax.evaluate --config=configs/finetune.py:cifar10 --checkpoint=/tmp/ft_cifar10
 
 Recipe (paper Appendix B; steps and warmup as in the released fine-tuning code):
@@ -19,13 +19,16 @@ Inception crop + horizontal flip for training; no RandAugment, mixup, dropout or
 stochastic depth. Evaluation resizes straight to the image size
 (`eval_preprocess="resize"`), as the released fine-tuning code does.
 
-Model: `config.model.variant` must be the checkpoint's (B/16 here; pass
-`--config.model.variant=L/16` for Mixer-L_16.npz); a mismatch is reported before
-anything runs. The head is re-initialised (zero kernel) when the dataset's class
+Model: taken from the checkpoint (`config.model.variant=""` and `image_size=0` mean
+"init_from's"): a released file's sizes are read from its arrays, a workdir's from its
+record, so nothing is re-typed. Setting a variant or size field checks it against the
+checkpoint instead, and a mismatch is one sentence naming both values, before anything
+runs. The head is re-initialised (zero kernel) when the dataset's class
 count differs from the checkpoint's (`checkpoint.load_pretrained`); a checkpoint with
 the dataset's own class count keeps its head.
 
-Resolution: 224 by default. `--config.image_size=448` fine-tunes at 448 px: the
+Resolution: the checkpoint's (224 for the released files). `--config.image_size=448`
+fine-tunes at 448 px: the
 token-mixing MLPs start block-diagonal, as K^2 = 4 copies of the 224-px ones
 (paper Appendix C, resolution.py); any integer multiple of the checkpoint's side works.
 
@@ -75,10 +78,10 @@ def get_config(dataset: str = "cifar10"):
         "--config.dataset, --config.train_split and --config.eval_split).")
   c.dataset = dataset
 
-  c.model.variant = "B/16"
+  c.model.variant = ""          # "" = init_from's architecture.
   c.model.stoch_depth = 0.0
   c.model.dropout = 0.0
-  c.image_size = 224
+  c.image_size = 0              # 0 = init_from's resolution.
   c.train_crop = "inception"
   c.train_flip = True
   c.randaugment_layers = 0

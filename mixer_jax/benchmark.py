@@ -69,6 +69,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+  from mixer_jax.models import blocks
   positive, natural = _at_least(1), _at_least(0)
   p = _Parser(prog="python -m mixer_jax.benchmark", description=__doc__.split("\n")[0])
   p.add_argument("--mode", default="train", choices=MODES)
@@ -79,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--num_classes", type=positive, default=1000)
   p.add_argument("--steps", type=positive, default=20, help="Timed steps.")
   p.add_argument("--warmup", type=natural, default=3, help="Untimed steps first.")
-  p.add_argument("--remat", action="store_true", help="Rematerialise each block.")
+  p.add_argument("--remat_policy", default="none", choices=blocks.REMAT_POLICIES,
+                 help="Rematerialise each block, keeping what the policy names.")
+  p.add_argument("--scan", action="store_true",
+                 help="Run the blocks under nn.scan (parameters stacked per block).")
   p.add_argument("--kernels", default="auto", choices=("auto", "xla", "cpu"),
                  help="The model's ops: plain flax (xla), kernels/cpu.py (cpu) or by backend.")
   p.add_argument("--mixup_alpha", type=_at_least(0, float), default=0.0,
@@ -203,7 +207,7 @@ def run_config(args) -> types.SimpleNamespace:
       variant=args.variant, patch_size=0, num_blocks=args.num_blocks,
       hidden_dim=args.hidden_dim, tokens_mlp_dim=args.tokens_mlp_dim,
       channels_mlp_dim=args.channels_mlp_dim, stoch_depth=args.stoch_depth, dropout=0.0,
-      remat=args.remat, kernels=args.kernels)
+      remat_policy=args.remat_policy, scan=args.scan, kernels=args.kernels)
   return types.SimpleNamespace(
       model=model, dtype=args.dtype, head_bias_init=0.0, image_size=args.image_size,
       seed=0, sharding="replicate", fsdp_min_size=2 ** 16, mesh_model=1,
@@ -377,7 +381,8 @@ def run(args) -> Dict[str, Any]:
   """Runs one benchmark; returns the JSON-ready result."""
   result: Dict[str, Any] = {
       "mode": args.mode, "variant": args.variant, "batch_size": args.batch_size,
-      "image_size": args.image_size, "dtype": args.dtype, "remat": args.remat,
+      "image_size": args.image_size, "dtype": args.dtype,
+      "remat_policy": args.remat_policy, "scan": args.scan,
       "mixup_alpha": args.mixup_alpha, "stoch_depth": args.stoch_depth,
       "model_overrides": model_overrides(args), "warmup": args.warmup,
       "device": device_description(with_jax=args.mode != "input")}

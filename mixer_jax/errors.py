@@ -50,15 +50,30 @@ class NonFiniteError(RuntimeError):
   """The loss or gradients became NaN/inf."""
 
 
+class Interrupted(RuntimeError):
+  """Ctrl-C: the run saved a checkpoint (or, on a second Ctrl-C, stopped at once)."""
+
+
 # Exit codes: 2 for a problem in the input (config, data, paths, checkpoints),
-# 3 for a run that stopped itself (non-finite loss).
+# 3 for a run that stopped itself (non-finite loss), 130 for Ctrl-C (the shell's
+# 128 + SIGINT).
 USER_ERROR = 2
 STOPPED = 3
+INTERRUPTED = 130
 
 
 def run_guarded(fn, show_traceback: bool = False):
   try:
     return fn()
+  except Interrupted as e:
+    print(f"Interrupted: {e}", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+  except KeyboardInterrupt:
+    if show_traceback:
+      raise
+    print("Interrupted: stopped at once, nothing saved since the last checkpoint.",
+          file=sys.stderr)
+    sys.exit(INTERRUPTED)
   except NonFiniteError as e:
     if show_traceback:
       raise

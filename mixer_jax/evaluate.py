@@ -5,8 +5,9 @@ r"""Evaluates a Mixer checkpoint on a classification dataset: top-1, top-5, loss
   python -m mixer_jax.evaluate --config=configs/finetune.py:cifar10 \
       --checkpoint=/tmp/ft_cifar10 --fewshot --output=/tmp/ft_cifar10/eval.json
 
---checkpoint is a released-layout `.npz`, a training workdir of this codebase or one
-of its `checkpoints/<step>` directories (`checkpoint.load_params`). The model is built
+--checkpoint is a released-layout `.npz`, a timm-layout `.safetensors` (what
+`export --format=timm` writes), a training workdir of this codebase or one of its
+`checkpoints/<step>` directories (`checkpoint.load_params`). The model is built
 from the checkpoint (its size fields and head width), so the config's model section
 does not matter; the config supplies the dataset and the evaluation preprocessing.
 
@@ -124,6 +125,35 @@ def check_classes(path: str, checkpoint_classes: int, dataset: str, dataset_clas
         "(configs/finetune.py).")
 
 
+def check_class_names(path: str, checkpoint_names, dataset: str, dataset_names) -> None:
+  """Labels are compared by index: a label must name the same class on both sides.
+
+  Refused where they differ (other classes, or the same ones in another order); only
+  a warning where one list merely extends the other (a head wider than the dataset).
+  A released .npz records no class names, so exporting a workdir to one
+  (`python -m mixer_jax.export --format=npz`) is the deliberate way past the check.
+  """
+  if not checkpoint_names or not dataset_names:
+    return
+  a, b = list(checkpoint_names), list(dataset_names)
+  if a == b:
+    return
+  differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+  if not differ:
+    logging.warning("Checkpoint %s names %d classes and %s %d, the same ones where both name "
+                    "a label, so labels are compared by index.", path, len(a), dataset, len(b))
+    return
+  i = differ[0]
+  what = ("orders the same classes differently from" if set(a) == set(b) else
+          "names other classes than")
+  raise errors.EvaluateError(
+      f"Checkpoint {path} {what} dataset {dataset} (label {i} is {a[i]!r} in the checkpoint "
+      f"but {b[i]!r} in the dataset), so its accuracy would count the wrong classes; evaluate "
+      "on data with the checkpoint's classes in its order, or, if the labels do mean the same "
+      "classes, export it to a .npz, which records no class names (python -m mixer_jax.export "
+      f"--checkpoint={path} --format=npz --output=FILE.npz), and evaluate that.")
+
+
 def _tfds_classes_before_preparing(config) -> Optional[int]:
   """Class count of a TFDS dataset from its builder alone (no preparation), or None.
 
@@ -180,11 +210,7 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     logging.warning("%s %s has %d images, not the %d of the full split; the numbers are not "
                     "comparable to published ones (is the tar file complete?).", data.name,
                     split, data.num_examples[split], expected_size)
-  names = info.get("class_names")
-  if names and data.class_names and list(names) != list(data.class_names):
-    logging.warning("Checkpoint %s was trained with class names %s... but %s has %s...; "
-                    "labels are compared by index.", checkpoint_path, names[:3], data.name,
-                    data.class_names[:3])
+  check_class_names(checkpoint_path, info.get("class_names"), data.name, data.class_names)
 
   config = config.copy_and_resolve_references()
   config.image_size = size  # Preprocessing and the model's input shape read it.
@@ -235,7 +261,8 @@ def define_flags():
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file (path[:argument]).",
                                   lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Released .npz, training workdir or step dir.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Released .npz, timm .safetensors, training workdir or step dir.")
   flags.DEFINE_string("split", "", "Split to evaluate (default: see the module doc).")
   flags.DEFINE_string("output", "", "Also write the JSON result to this file.")
   flags.DEFINE_bool("fewshot", False, "Also report few-shot accuracies on pre-logits.")

@@ -3,24 +3,21 @@ r"""Exports a Mixer checkpoint for PyTorch/timm (safetensors) or as a released `
   python -m mixer_jax.export --checkpoint=PATH --format=timm --output=model.safetensors
   python -m mixer_jax.export --checkpoint=WORKDIR --format=npz --output=Mixer-B_16.npz
 
-PATH is a released-layout `.npz` or a training workdir / `checkpoints/<step>` of this
-codebase (read with `checkpoint.load_params`).
+Flags:
+  --checkpoint  a released-layout `.npz`, a `.safetensors` in timm's layout (what
+                --format=timm writes) or a training workdir / `checkpoints/<step>` of
+                this codebase (read with `checkpoint.load_params`, which checks every
+                key, shape and dtype of a file against the Mixer it describes).
+  --format      `timm` (default) or `npz`.
+  --output      the file to write: `.safetensors` for timm, `.npz` for npz (a name with
+                the other format's extension is refused). Written atomically (temp
+                file, then rename): a failed export leaves no partial file.
+  --overwrite   replace an existing --output (default: refuse).
 
-`--format=timm` writes a `safetensors` file with timm's `MlpMixer` state-dict names:
-
-  stem.proj.weight (C, 3, P, P)   <- stem/kernel (P, P, 3, C), HWIO -> OIHW
-  stem.proj.bias                  <- stem/bias
-  blocks.{i}.norm1.{weight,bias}  <- MixerBlock_{i}/LayerNorm_0/{scale,bias}
-  blocks.{i}.mlp_tokens.fc{1,2}.{weight,bias}
-                                  <- MixerBlock_{i}/token_mixing/Dense_{0,1}
-  blocks.{i}.norm2.{weight,bias}  <- MixerBlock_{i}/LayerNorm_1/{scale,bias}
-  blocks.{i}.mlp_channels.fc{1,2}.{weight,bias}
-                                  <- MixerBlock_{i}/channel_mixing/Dense_{0,1}
-  norm.{weight,bias}              <- pre_head_layer_norm/{scale,bias}
-  head.{weight,bias}              <- head/{kernel,bias} (absent for a features model)
-
-with every torch `Linear` weight the transposed Flax kernel (out, in). All tensors are
-contiguous float32. `timm_to_params` is the exact inverse.
+`--format=timm` writes a `safetensors` file with timm's `MlpMixer` state-dict names,
+the layout of `timm_layout.py` (every torch `Linear` weight is the transposed Flax
+kernel, the stem OIHW). All tensors are contiguous float32; `timm_to_params` is the
+exact inverse, and `checkpoint.load_params` reads such a file back bit for bit.
 
 Matching timm models (the `_224` suffix is only timm's default image size; pass
 `img_size=` for other resolutions and `num_classes=` for other heads, e.g. 21843):
@@ -50,14 +47,15 @@ import os
 import sys
 from typing import Any, Dict, Mapping, Optional
 
-import numpy as np
 from absl import app, flags, logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import paths
+from mixer_jax.timm_layout import params_to_timm, timm_to_params  # noqa: F401  (API)
 
 FORMATS = ("timm", "npz")
+EXTENSIONS = {"timm": ".safetensors", "npz": ".npz"}
 
 # (patch, hidden, blocks, tokens_mlp_dim, channels_mlp_dim) -> timm architecture name.
 TIMM_MODELS = {
@@ -68,84 +66,6 @@ TIMM_MODELS = {
     (32, 1024, 24, 512, 4096): "mixer_l32_224",
     (16, 1024, 24, 512, 4096): "mixer_l16_224",
 }
-
-_BLOCK_MAP = (  # (timm module, Flax module) inside a block.
-    ("norm1", "LayerNorm_0"),
-    ("mlp_tokens.fc1", "token_mixing/Dense_0"),
-    ("mlp_tokens.fc2", "token_mixing/Dense_1"),
-    ("norm2", "LayerNorm_1"),
-    ("mlp_channels.fc1", "channel_mixing/Dense_0"),
-    ("mlp_channels.fc2", "channel_mixing/Dense_1"),
-)
-
-
-def _f32(x) -> np.ndarray:
-  if hasattr(x, "detach"):  # A torch tensor.
-    x = x.detach().cpu().numpy()
-  return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-
-
-def _key_map(flat_keys) -> Dict[str, str]:
-  """Flax flat key -> timm key, for the modules present in `flat_keys`."""
-  keys = set(flat_keys)
-  mapping = {"stem/kernel": "stem.proj.weight", "stem/bias": "stem.proj.bias",
-             "pre_head_layer_norm/scale": "norm.weight",
-             "pre_head_layer_norm/bias": "norm.bias",
-             "head/kernel": "head.weight", "head/bias": "head.bias"}
-  blocks = sorted({int(k.split("/")[0][len("MixerBlock_"):]) for k in keys
-                   if k.startswith("MixerBlock_")})
-  for i in blocks:
-    for timm_mod, flax_mod in _BLOCK_MAP:
-      is_norm = flax_mod.startswith("LayerNorm")
-      mapping[f"MixerBlock_{i}/{flax_mod}/{'scale' if is_norm else 'kernel'}"] = (
-          f"blocks.{i}.{timm_mod}.weight")
-      mapping[f"MixerBlock_{i}/{flax_mod}/bias"] = f"blocks.{i}.{timm_mod}.bias"
-  return mapping
-
-
-def params_to_timm(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """Nested Flax params -> timm `MlpMixer` state dict (contiguous float32 numpy)."""
-  flat = checkpoint.flatten(params)
-  mapping = _key_map(flat)
-  unknown = sorted(set(flat) - set(mapping))
-  if unknown:
-    raise errors.CheckpointError(
-        f"Parameter {unknown[0]} has no timm equivalent; it is not a Mixer parameter tree.")
-  out = {}
-  for key, value in flat.items():
-    value = np.asarray(value)
-    if key == "stem/kernel":
-      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW.
-    elif key.endswith("/kernel"):
-      value = value.T  # Flax (in, out) -> torch Linear (out, in).
-    out[mapping[key]] = _f32(value)
-  return out
-
-
-def timm_to_params(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-  """timm `MlpMixer` state dict (numpy arrays or torch tensors) -> nested Flax params."""
-  names = list(state_dict)
-  flax_keys = set()
-  for name in names:  # Recover the block indices from the timm names.
-    parts = name.split(".")
-    if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
-      flax_keys.add(f"MixerBlock_{int(parts[1])}/x")
-  inverse = {v: k for k, v in _key_map(flax_keys).items()}
-  unknown = sorted(set(names) - set(inverse))
-  if unknown:
-    raise errors.CheckpointError(
-        f"State-dict entry {unknown[0]} is not part of timm's MlpMixer; pass the state "
-        "dict of a timm Mixer model.")
-  flat = {}
-  for name in names:
-    value = _f32(state_dict[name])
-    key = inverse[name]
-    if key == "stem/kernel":
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
-    elif key.endswith("/kernel"):
-      value = value.T
-    flat[key] = np.ascontiguousarray(value)
-  return checkpoint.unflatten(flat)
 
 
 def timm_model_name(model_fields: Mapping[str, int]) -> Optional[str]:
@@ -171,12 +91,22 @@ def timm_constructor(info: Mapping[str, Any]) -> str:
           f"mlp_ratio={ratio!r}, {act})")
 
 
-def _check_output(path: str) -> None:
-  """Fails with one sentence (CheckpointError) unless `path` can be written."""
+def _check_output(path: str, fmt: str, overwrite: bool) -> None:
+  """Fails with one sentence (CheckpointError) unless `path` can be written as `fmt`."""
   if not path:
     raise errors.CheckpointError("--output is required; pass the file to write.")
   if os.path.isdir(path):
     raise errors.CheckpointError(f"Output {path} is a directory; pass a file name.")
+  ext = os.path.splitext(path)[1].lower()
+  other = next((f for f, e in EXTENSIONS.items() if e == ext and f != fmt), None)
+  if other:
+    raise errors.CheckpointError(
+        f"Output {path} has the extension of --format={other}, not of --format={fmt}; name "
+        f"it *{EXTENSIONS[fmt]} or pass --format={other}.")
+  if os.path.exists(path) and not overwrite:
+    raise errors.CheckpointError(
+        f"Output {path} already exists; pass --overwrite to replace it, or choose another "
+        "--output.")
   parent = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(parent, exist_ok=True)
@@ -189,13 +119,20 @@ def _check_output(path: str) -> None:
         f"Cannot write output {path} ({e.strerror or e}); choose a writable location.") from None
 
 
-def export(checkpoint_path: str, fmt: str, output: str) -> Dict[str, Any]:
-  """Writes `output` in `fmt` ('timm' or 'npz'); returns the checkpoint info."""
+def export(checkpoint_path: str, fmt: str, output: str, overwrite: bool = False
+           ) -> Dict[str, Any]:
+  """Writes `output` in `fmt` ('timm' or 'npz'); returns the checkpoint info.
+
+  Everything is checked before anything is written: the format, the output name, and
+  the checkpoint (a file must be a complete Mixer, see `checkpoint.load_file`).
+  """
   if fmt not in FORMATS:
     raise errors.CheckpointError(
         f"Unknown format {fmt!r}; use --format=timm or --format=npz.")
-  _check_output(output)
+  _check_output(output, fmt, overwrite)
   params, info = checkpoint.load_params(checkpoint_path)
+  if not os.path.isfile(checkpoint_path):  # Files are checked as they are read.
+    checkpoint.check_params(params, checkpoint_path)
   if fmt == "npz":
     try:
       checkpoint.save_npz(params, output)
@@ -217,11 +154,13 @@ def export(checkpoint_path: str, fmt: str, output: str) -> Dict[str, Any]:
   try:
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, output)
-  except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  except Exception as e:  # OSError, or safetensors' own error on a full disk.
     raise errors.CheckpointError(
-        f"Cannot write output {output} ({e.strerror or e}); choose a writable location.") from None
+        f"Cannot write output {output} ({getattr(e, 'strerror', None) or e}); choose a "
+        "writable location.") from None
+  finally:
+    if os.path.exists(tmp):  # No partial file left behind.
+      os.remove(tmp)
   return info
 
 
@@ -231,21 +170,24 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defines the CLI flags (only when run as a program, so that importing this
   module next to other CLIs' modules does not clash on flag names)."""
-  flags.DEFINE_string("checkpoint", None, "Released .npz or training workdir / step dir.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Released .npz, timm .safetensors, or training workdir / step dir.")
   flags.DEFINE_string("format", "timm", "Output format: 'timm' (safetensors) or 'npz'.")
-  flags.DEFINE_string("output", None, "File to write.")
+  flags.DEFINE_string("output", None, "File to write (.safetensors for timm, .npz for npz).")
+  flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
 
 
 def main(argv):
   if len(argv) > 1:
-    print(f"Unexpected arguments {argv[1:]}; use --checkpoint, --format and --output.",
+    print(f"Unexpected arguments {argv[1:]}; use --checkpoint, --format, --output and --overwrite.",
           file=sys.stderr)
     sys.exit(2)
   if not FLAGS.checkpoint:
     print("--checkpoint is required; pass a .npz file or a training workdir.", file=sys.stderr)
     sys.exit(2)
   try:
-    info = export(paths.resolve(FLAGS.checkpoint), FLAGS.format, paths.resolve(FLAGS.output))
+    info = export(paths.resolve(FLAGS.checkpoint), FLAGS.format, paths.resolve(FLAGS.output),
+                  FLAGS.overwrite)
   except errors.CheckpointError as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)

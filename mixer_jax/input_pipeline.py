@@ -30,6 +30,7 @@ import socket
 import time
 from typing import List, Optional, Tuple
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -150,6 +151,11 @@ class _TfdsSource:
   def local_size(self, split: str, index: int, count: int) -> int:
     return self.split_size(self.process_split(split, index, count))
 
+  def split_labels(self, split: str) -> Optional[np.ndarray]:
+    """None: a TFDS split's labels are known only by reading all of it."""
+    del split
+    return None
+
   def examples(self, split: str, in_memory: bool) -> "Examples":
     """Random access to the split's {image (encoded), label} by example index."""
     from mixer_jax.datasets import records
@@ -189,6 +195,9 @@ class _FolderSource:
   def local_size(self, split: str, index: int, count: int) -> int:
     n = self.split_size(split)
     return len(range(index, n, count))
+
+  def split_labels(self, split: str) -> Optional[np.ndarray]:
+    return np.asarray([label for _, label in self.source.split(split)], np.int64)
 
   def examples(self, split: str, in_memory: bool) -> "Examples":
     items = self.source.split(split)
@@ -311,6 +320,32 @@ def dataset_info(source, splits) -> DatasetInfo:
                       "with examples.")
   return DatasetInfo(source.name, source.num_classes, source.class_names, sizes,
                      source.has_real_labels)
+
+
+def describe_splits(source, info: DatasetInfo, config) -> None:
+  """Logs each split's image and class count; refuses a training split of one class.
+
+  The classes present are counted where the labels are known without reading the
+  images (image folders); otherwise the dataset's class count is logged as such.
+  """
+  for role, split in (("train", config.train_split), ("eval", config.eval_split)):
+    labels = source.split_labels(split)
+    present = info.num_classes if labels is None else len(np.unique(labels))
+    if labels is None:
+      note = " (the dataset's count; the classes present are not counted without reading)"
+    else:
+      note = f" (of {info.num_classes})" if present < info.num_classes else ""
+    logging.info("%s split %s: %d images, %d class%s%s.", role, split,
+                 info.num_examples[split], present, "" if present == 1 else "es", note)
+    if role == "train" and present == 1:
+      if info.num_classes > 1:
+        fix = "use a split (or a larger slice) that holds images of at least two classes"
+      elif info.name.startswith(FOLDER_PREFIX):
+        fix = "add a subfolder of images for each other class"
+      else:
+        fix = "use a dataset of at least two classes"
+      raise errors.DataError(f"Training split {split!r} of dataset {info.name} holds images of "
+                             f"only one class, from which a classifier learns nothing; {fix}.")
 
 
 # ----------------------------------------------------------------- preprocessing

@@ -8,10 +8,18 @@ Multi-host: the same command on every host. Cloud TPU pods and SLURM are detecte
 elsewhere pass --coordinator_address, --num_processes and --process_id.
 
 SIGTERM to any process (a preemption notice): every process stops after the same step,
-saves a checkpoint and exits 0. A process that dies makes the others exit non-zero
+saves a checkpoint and exits 0; Ctrl-C does the same and exits 130 (a second Ctrl-C
+stops at once). A process that dies makes the others exit non-zero
 within --heartbeat_timeout_s plus a few seconds. Either way, the same command again
 resumes from the last checkpoint.
+
+The workdir is the run's identity: one live run at a time (`run.lock`), and its
+`config.json` records the resolved config; a resume that changes the model, the data or
+the optimiser is refused unless `--accept_changes=KEY,...` (run_record.py). A finished
+run says so and prints its final metrics. The last stdout line is one JSON object.
 """
+
+import json
 
 from absl import app
 from absl import flags
@@ -36,6 +44,9 @@ flags.DEFINE_integer("heartbeat_timeout_s", 30,
                      "(non-zero, within this many seconds plus a few).")
 flags.DEFINE_integer("init_timeout_s", 120,
                      "How long to wait for all processes to join before giving up.")
+flags.DEFINE_string("accept_changes", "",
+                    "Resuming: config keys (comma-separated, or 'all') that may change although "
+                    "they alter the run (model, data, optimiser); see run_record.py.")
 flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors.")
 
 
@@ -84,13 +95,16 @@ def _run(config, workdir):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   try:
-    result = train.train_and_evaluate(config, workdir)
+    from mixer_jax import run_record
+    result = train.train_and_evaluate(config, workdir,
+                                      run_record.parse_accept(FLAGS.accept_changes))
   except Exception as e:
     if jax.process_count() > 1 and distributed.is_runtime_failure(e):
       raise distributed.failure(e) from e
     raise
-  if jax.process_index() == 0 and result:
-    print({k: round(v, 6) for k, v in result.items()})
+  if jax.process_index() == 0:
+    # The last stdout line: one JSON object (the final evaluation), for scripts.
+    print(json.dumps({k: round(float(v), 6) for k, v in result.items()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,18 @@ r"""Per-device memory of the train step on N devices, from a compile that never 
       --num_devices=256 --num_classes=21843
   python -m mixer_jax.memory --config=configs/default.py --num_devices=8 \
       --config.fsdp_min_size=0 --strategies=replicate,fsdp
+  python -m mixer_jax.memory --config=configs/imagenet21k_pretrain.py:L/16 \
+      --config.model.variant=H/14 --num_classes=21843 --num_devices=64 \
+      --config.model.scan=True --remat_policies=none,full,dots_saveable
 
 Simulates N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set
 before JAX starts; the tool re-executes itself when JAX already runs with another
 device count), builds the trainer's train step (steps.make_train_step, jitted with
 sharding.py's shardings and the state donated, as train.py does) from abstract shapes
 only (jax.eval_shape, ShapeDtypeStructs carrying shardings), compiles it with
-`.lower(...).compile()` and prints, per device and sharding strategy:
+`.lower(...).compile()` and prints, per device, sharding strategy and remat policy
+(`--remat_policies`; default: the config's `model.remat_policy`; `--config.model.scan`
+picks unrolled or scanned blocks):
 
   params, opt_state  this device's shards of the parameters / optimiser state,
                      computed exactly from each array's shard shape (no compile needed).
@@ -47,6 +52,9 @@ flags.DEFINE_integer("num_classes", 0,
                      "Classes of the head; 0 = config.num_classes, or 1000 where that is 0 "
                      "(the tool never reads the dataset).")
 flags.DEFINE_string("strategies", "replicate,fsdp", "Comma-separated sharding strategies.")
+flags.DEFINE_string("remat_policies", "",
+                    "Comma-separated remat policies to measure each strategy under "
+                    "(none, full, dots_saveable, ...); empty = config.model.remat_policy.")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -75,12 +83,14 @@ def ensure_devices(num_devices: int, argv) -> None:
 
 
 # ------------------------------------------------------------------- the model
-def build(config, num_classes: int, strategy: str, mesh):
-  """The run's state.Setup under `strategy` (the schedule's length only changes
-  constants inside the step, not its memory)."""
+def build(config, num_classes: int, strategy: str, mesh, remat_policy=None):
+  """The run's state.Setup under `strategy` (and `remat_policy`, if given; the
+  schedule's length only changes constants inside the step, not its memory)."""
   from mixer_jax import state
   config = config.copy_and_resolve_references()
   config.sharding = strategy
+  if remat_policy is not None:
+    config.model.remat_policy = remat_policy
   total_steps = max(int(config.num_train_steps), int(config.warmup_steps) + 1)
   return state.Setup(config, num_classes, total_steps, mesh=mesh)
 
@@ -96,13 +106,14 @@ def _bytes_per_device(tree) -> int:
   return total
 
 
-def measure(config, num_classes: int, strategy: str, mesh) -> dict:
-  """Compiles the train step for `mesh` under `strategy`; per-device bytes."""
+def measure(config, num_classes: int, strategy: str, mesh, remat_policy=None) -> dict:
+  """Compiles the train step for `mesh` under `strategy` (and `remat_policy`, if
+  given); per-device bytes."""
   import jax
   from mixer_jax import sharding
 
   sharding.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
-  setup = build(config, num_classes, strategy, mesh)
+  setup = build(config, num_classes, strategy, mesh, remat_policy)
   state, state_sharding = setup.abstract_state, setup.state_sharding
   batch = setup.abstract_batch(config.batch_size)
   step = setup.train_step()
@@ -119,6 +130,7 @@ def measure(config, num_classes: int, strategy: str, mesh) -> dict:
                 if any(axis is not None for axis in s.spec))
   return {
       "strategy": strategy,
+      "remat_policy": setup.config.model.remat_policy,
       "params": computed["params"],
       "opt_state": computed["opt_state"],
       "params_plus_opt": computed["params"] + computed["opt_state"],
@@ -145,17 +157,20 @@ def report(header: dict, rows) -> str:
            f"{header['image_size']} px, {header['num_classes']} classes, batch "
            f"{header['batch_size']} ({header['per_device_batch']} per device), "
            f"{header['num_devices']} simulated devices (mesh data={header['mesh_data']} x "
-           f"model={header['mesh_model']}), compute {header['dtype']}. Bytes per device:"]
+           f"model={header['mesh_model']}), compute {header['dtype']}, "
+           f"{'scanned' if header['scan'] else 'unrolled'} blocks. Bytes per device:"]
   columns = ("params", "opt_state", "params_plus_opt", "batch", "temporaries", "peak")
-  lines.append(f"{'strategy':<10}" + "".join(f"{c:>17}" for c in columns))
+  lines.append(f"{'strategy':<10}{'remat':<34}" + "".join(f"{c:>17}" for c in columns))
   for row in rows:
-    lines.append(f"{row['strategy']:<10}" + "".join(f"{human(row[c]):>17}" for c in columns))
+    lines.append(f"{row['strategy']:<10}{row['remat_policy']:<34}"
+                 + "".join(f"{human(row[c]):>17}" for c in columns))
   return "\n".join(lines)
 
 
-def run(config, num_devices: int, num_classes: int, strategies) -> dict:
+def run(config, num_devices: int, num_classes: int, strategies, remat_policies=()) -> dict:
+  """Rows for every strategy x remat policy (none given: the config's policy)."""
   import jax
-  from mixer_jax import sharding
+  from mixer_jax import models, sharding
   if jax.device_count() != num_devices:
     raise errors.MemoryToolError(f"JAX has {jax.device_count()} devices, not --num_devices="
                        f"{num_devices}; run `python -m mixer_jax.memory` (it sets them up).")
@@ -163,6 +178,10 @@ def run(config, num_devices: int, num_classes: int, strategies) -> dict:
     if strategy not in sharding.STRATEGIES:
       raise errors.MemoryToolError(f"Unknown strategy {strategy!r} in --strategies; use "
                          f"{', '.join(sharding.STRATEGIES)}.")
+  for policy in remat_policies:
+    if policy not in models.REMAT_POLICIES:
+      raise errors.MemoryToolError(f"Unknown remat policy {policy!r} in --remat_policies; use "
+                                   f"{', '.join(models.REMAT_POLICIES)}.")
   mesh = sharding.make_mesh(config.mesh_model)
   num_params = build(config, num_classes, strategies[0], mesh).num_params
   header = {"variant": config.model.variant, "num_params": num_params,
@@ -171,8 +190,9 @@ def run(config, num_devices: int, num_classes: int, strategies) -> dict:
             "per_device_batch": config.batch_size // mesh.shape[sharding.DATA],
             "num_devices": num_devices, "mesh_data": mesh.shape[sharding.DATA],
             "mesh_model": mesh.shape[sharding.MODEL], "dtype": config.dtype,
-            "fsdp_min_size": config.fsdp_min_size}
-  rows = [measure(config, num_classes, s, mesh) for s in strategies]
+            "fsdp_min_size": config.fsdp_min_size, "scan": bool(config.model.scan)}
+  rows = [measure(config, num_classes, s, mesh, p)
+          for s in strategies for p in (list(remat_policies) or [None])]
   return {"header": header, "rows": rows}
 
 
@@ -185,8 +205,9 @@ def main(argv):
   config = FLAGS.config
   num_classes = FLAGS.num_classes or config.num_classes or 1000
   strategies = [s.strip() for s in FLAGS.strategies.split(",") if s.strip()]
+  policies = [p.strip() for p in FLAGS.remat_policies.split(",") if p.strip()]
   try:
-    result = run(config, FLAGS.num_devices, num_classes, strategies)
+    result = run(config, FLAGS.num_devices, num_classes, strategies, policies)
   except ValueError as e:
     print(f"Error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
     sys.exit(errors.USER_ERROR)

@@ -4,13 +4,16 @@ Only process 0 writes; other processes get a writer that drops everything, so th
 loop can call it unconditionally.
 """
 
+import contextlib
 import json
 import math
 import os
-from typing import Mapping
+import time
+from typing import Dict, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
 
 
@@ -67,3 +70,63 @@ def image_grid(images: np.ndarray, max_images: int = 64) -> np.ndarray:
     r, col = divmod(i, cols)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = pixels[i]
   return grid[None]
+
+
+class Progress:
+  """Logs `step s/N (p%), r steps/s, ETA t` every `every_steps` steps and at the end.
+
+  The rate counts training time only: `paused()` wraps evaluation and checkpointing,
+  and the first step (compilation) is excluded, so the ETA is meaningful from the first
+  report of a short run on.
+  """
+
+  def __init__(self, total_steps: int, every_steps: int):
+    self.total, self.every = total_steps, every_steps
+    self._start_step = self._start_time = None
+    self._paused = 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    t = time.monotonic()
+    try:
+      yield
+    finally:
+      self._paused += time.monotonic() - t
+
+  def __call__(self, step: int) -> None:
+    now = time.monotonic()
+    if self._start_step is None:  # After the first step: compilation is behind us.
+      self._start_step, self._start_time = step, now
+      return
+    if step % self.every and step != self.total:
+      return
+    rate = (step - self._start_step) / max(now - self._start_time - self._paused, 1e-9)
+    eta = (self.total - step) / rate
+    logging.info("step %d/%d (%.0f%%), %.2f steps/s, ETA %s", step, self.total,
+                 100 * step / self.total, rate, format_seconds(eta))
+
+
+def format_seconds(seconds: float) -> str:
+  """12 -> '12s', 125 -> '2m05s', 7300 -> '2h01m'."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def last_eval(workdir: str) -> Dict[str, float]:
+  """The last evaluation in `WORKDIR/metrics.jsonl` ({} if none), keys without 'eval/'."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  last = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # A line cut short by a killed run.
+        found = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+        last = found or last
+  return last

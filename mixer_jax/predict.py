@@ -2,8 +2,10 @@ r"""Top-k predictions of a Mixer checkpoint on image files.
 
   python -m mixer_jax.predict --checkpoint=PATH [--top_k=5] [--image_size=N] IMAGE [...]
 
-PATH is a released-layout `.npz` or a training workdir / `checkpoints/<step>` of this
-codebase (read with `checkpoint.load_params`).
+PATH is a released-layout `.npz`, a timm-layout `.safetensors` (what
+`export --format=timm` writes) or a training workdir / `checkpoints/<step>` of this
+codebase (read with `checkpoint.load_params`, which checks a file's every key, shape
+and dtype before anything is compiled).
 
 Preprocessing (kept simple, as in the released fine-tuning code's evaluation): decode
 with PIL and convert to RGB, resize straight to image_size x image_size (bilinear,
@@ -173,7 +175,8 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defines the CLI flags (only when run as a program, so that importing this
   module next to other CLIs' modules does not clash on flag names)."""
-  flags.DEFINE_string("checkpoint", None, "Released .npz or training workdir / step dir.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Released .npz, timm .safetensors, or training workdir / step dir.")
   flags.DEFINE_integer("top_k", 5, "Number of classes to print per image.")
   flags.DEFINE_integer("image_size", None, "Input side in pixels (default: the checkpoint's).")
 

@@ -8,7 +8,7 @@ dimension, when `mesh_model` > 1).
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,16 @@ def _model_axis(path: str, shape) -> Optional[int]:
   return None
 
 
-def param_spec(path: str, shape, mesh: Mesh, strategy: str, fsdp_min_size: int) -> P:
-  """PartitionSpec of one parameter (or optimiser-state array shaped like one)."""
+def param_spec(path: str, shape, mesh: Mesh, strategy: str, fsdp_min_size: int,
+               stacked: bool = False) -> P:
+  """PartitionSpec of one parameter (or optimiser-state array shaped like one).
+
+  `stacked`: axis 0 stacks the blocks of a scanned model. It stays whole (each scan
+  step slices it) and the rules apply to one block's array, so every block's slice
+  is laid out as the unrolled model's block is.
+  """
+  if stacked and len(shape):
+    return P(None, *param_spec(path, shape[1:], mesh, strategy, fsdp_min_size))
   spec = [None] * len(shape)
   model_size = mesh.shape[MODEL]
   if model_size > 1:
@@ -68,15 +76,21 @@ def param_spec(path: str, shape, mesh: Mesh, strategy: str, fsdp_min_size: int) 
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str = "replicate",
-                    fsdp_min_size: int = 2 ** 18) -> Any:
-  """NamedShardings for every leaf of a (shape-only) train state pytree."""
+                    fsdp_min_size: int = 2 ** 18,
+                    stacked: Callable[[str], bool] = lambda path: False) -> Any:
+  """NamedShardings for every leaf of a (shape-only) train state pytree.
+
+  `stacked(path)`: whether the leaf at a '/'-joined path has a leading block axis
+  (a scanned model's blocks; models.is_stacked).
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown sharding strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
 
   def leaf_sharding(path, leaf):
     shape = getattr(leaf, "shape", ())
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return NamedSharding(mesh, param_spec(name, shape, mesh, strategy, fsdp_min_size))
+    return NamedSharding(mesh, param_spec(name, shape, mesh, strategy, fsdp_min_size,
+                                          stacked(name)))
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
 

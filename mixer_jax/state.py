@@ -32,14 +32,19 @@ NONFINITE = ("stop", "skip")
 # ------------------------------------------------------------------ the config
 def validate_config(config) -> None:
   """One clear sentence per bad value, before anything is compiled."""
+  def get(name):
+    return (getattr(config, name) if "." not in name
+            else getattr(config.model, name.split(".", 1)[1]))
+
   def check(name, ok, requirement):
-    value = (getattr(config, name) if "." not in name
-             else getattr(config.model, name.split(".", 1)[1]))
+    value = get(name)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and ok(value)):
       raise errors.ConfigError(f"config.{name}={value!r} must be {requirement}.")
 
-  for name in ("batch_size", "image_size", "grad_accum_steps",
+  # image_size 0: the checkpoint's (init_from, or evaluate's --checkpoint).
+  check("image_size", lambda v: v >= 0, "a positive number (or 0 for the checkpoint's)")
+  for name in ("batch_size", "grad_accum_steps",
                "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                "keep_checkpoints", "mesh_model"):
     check(name, lambda v: v > 0, "a positive number")
@@ -60,10 +65,13 @@ def validate_config(config) -> None:
                         ("sharding", sharding.STRATEGIES),
                         ("train_crop", ("inception", "resize", "none")),
                         ("eval_preprocess", ("resize_crop", "resize")),
-                        ("dtype", ("float32", "bfloat16", "float16"))):
-    if getattr(config, name) not in allowed:
+                        ("dtype", ("float32", "bfloat16", "float16")),
+                        ("model.remat_policy", models.REMAT_POLICIES)):
+    if get(name) not in allowed:
       raise errors.ConfigError(
-          f"config.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
+          f"config.{name}={get(name)!r} is not one of {', '.join(allowed)}.")
+  if not isinstance(config.model.scan, bool):
+    raise errors.ConfigError(f"config.model.scan={config.model.scan!r} must be True or False.")
 
 
 def eval_batch_size(config, mesh) -> int:
@@ -75,6 +83,10 @@ def eval_batch_size(config, mesh) -> int:
 
 def model_fields(config) -> Dict[str, int]:
   """The model's size fields: the variant's, where config.model does not set them."""
+  if not config.model.variant:
+    raise errors.ConfigError(
+        "config.model.variant is empty, which means init_from's architecture, but no "
+        "config.init_from is set; set one, or a variant such as --config.model.variant=B/16.")
   try:
     spec = models.parse_variant(config.model.variant)
   except ValueError as e:
@@ -97,7 +109,8 @@ def build_model(config, num_classes: int, fields: Optional[Dict[str, int]] = Non
         variant, num_classes, **fields,
         stoch_depth=config.model.stoch_depth if train else 0.0,
         dropout=config.model.dropout if train else 0.0,
-        dtype=config.dtype, head_bias_init=config.head_bias_init, remat=config.model.remat,
+        dtype=config.dtype, head_bias_init=config.head_bias_init,
+        remat_policy=config.model.remat_policy, scan=config.model.scan,
         kernels=config.model.kernels)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
@@ -143,15 +156,26 @@ class Setup:
     self.mesh = sharding.make_mesh(config.mesh_model) if mesh is None else mesh
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     shapes = jax.eval_shape(self._init, jax.random.key(config.seed))  # Shape errors here.
-    self.state_sharding = sharding.state_shardings(shapes, self.mesh, config.sharding,
-                                                   config.fsdp_min_size)
+    self.state_sharding = self.shardings(shapes)
     self.abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
         self.state_sharding)
 
+  def shardings(self, tree):
+    """The run's shardings (config.sharding's rules on this mesh) of a shape-only train
+    state, or part of one, in either block layout: scanned parameters get the rules of
+    each block's slice, their block axis whole (checkpoint.TrainCheckpoints converts
+    with them)."""
+    return sharding.state_shardings(tree, self.mesh, self.config.sharding,
+                                    self.config.fsdp_min_size, stacked=models.is_stacked)
+
   def _init(self, rng):
     size = self.config.image_size
-    params = self.model.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
+    # Initialised unrolled, then stacked if the model scans: the same seed gives the same
+    # weights in either layout (nn.scan would split the rng per block differently).
+    unrolled = self.model.clone(scan=False) if hasattr(self.model, "scan") else self.model
+    params = unrolled.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
+    params = models.to_layout(params, models.model_layout(self.model))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params)}
 
@@ -160,7 +184,9 @@ class Setup:
     return build_model(self.config, 0, self.fields, train=False, variant=self.variant)
 
   def place_params(self, params):
-    """Host numpy parameters (the same on every process) -> global arrays, sharded."""
+    """Host numpy parameters (the same on every process), in either block layout (the
+    released unrolled one or the scanned one) -> global arrays in the model's, sharded."""
+    params = models.to_layout(params, models.model_layout(self.model))
     return place(params, self.state_sharding["params"])
 
   @property
@@ -173,7 +199,8 @@ class Setup:
         jax.random.key(self.config.seed))
 
   def state_with_params(self, params):
-    """Step 0 with `params` (numpy, e.g. pre-trained) and a fresh optimiser state."""
+    """Step 0 with `params` (numpy, e.g. pre-trained, either block layout) and a fresh
+    optimiser state."""
     params = self.place_params(params)
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding["step"]),

@@ -98,13 +98,16 @@ def test_finetune_recipe_per_dataset(tmp_path):
               "oxford_flowers102": ("train", "test", 500, 100)}
   for name, (train_split, eval_split, steps, warmup) in expected.items():
     c = finetune.get_config(name)
+    # The architecture and resolution come from init_from ("" and 0) unless set.
+    assert (c.model.variant, c.image_size) == ("", 0)
+    c.model.variant, c.image_size = "B/16", 224
     state_lib.validate_config(c)
     assert (c.dataset, c.train_split, c.eval_split) == (name, train_split, eval_split)
     assert (c.num_train_steps, c.warmup_steps) == (steps, warmup)
     # Paper Appendix B.
     assert (c.optimizer, c.momentum, c.batch_size, c.grad_clip_norm) == ("sgd", 0.9, 512, 1.0)
     assert (c.lr_decay, c.weight_decay, c.learning_rate) == ("cosine", 0.0, 0.03)
-    assert (c.image_size, c.train_crop, c.train_flip) == (224, "inception", True)
+    assert (c.train_crop, c.train_flip) == ("inception", True)
     assert c.randaugment_layers == 0 and c.mixup_alpha == 0 and c.model.stoch_depth == 0
   # Folders: split subfolders when present, else a 90/10 slice of the images.
   (tmp_path / "with" / "val").mkdir(parents=True)

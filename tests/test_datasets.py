@@ -336,3 +336,22 @@ def test_folder_check_cache(tmp_path, monkeypatch):
   src = FolderSource(str(root), cache_dir=str(cache), skip_corrupt=True)
   assert not src.cache_hit and len(calls) == 14
   assert src.num_examples('train') == 13
+
+
+def test_folder_skipped_files_counted_by_reason(tmp_path, caplog):
+  root = _flat_tree(tmp_path / 'junk', per_class=1)
+  (root / 'notes.txt').write_text('x')
+  (root / 'cat' / '.DS_Store').write_bytes(b'x')
+  (root / 'cat' / 'labels.csv').write_text('x')
+  (root / 'dog' / 'labels.csv').write_text('x')
+  (root / 'dog' / 'empty.png').write_bytes(b'')
+  (root / 'bird' / 'garbage.jpg').write_bytes(b'not an image')
+  caplog.set_level('INFO')
+  src = FolderSource(str(root), skip_corrupt=True)
+  assert src.skipped_counts == {'outside a class folder': 1, 'hidden': 1,
+                                'not an image extension': 2, 'empty': 1,
+                                'undecodable': 1}
+  lines = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+  assert len(lines) == 1 and lines[0].startswith(
+      f'Dataset folder {root}: skipped 6 files: 1 outside a class folder, 1 hidden, '
+      '2 not an image extension, 1 empty, 1 undecodable (e.g. ')

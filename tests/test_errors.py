@@ -61,7 +61,11 @@ def tiny_npz(path, **model_overrides):
 CONFIG_CASES = [
     ("batch_size_zero", dict(batch_size=0), "config.batch_size=0 must be a positive number"),
     ("batch_size_negative", dict(batch_size=-8), "config.batch_size=-8 must be a positive"),
-    ("image_size_zero", dict(image_size=0), "config.image_size=0 must be a positive number"),
+    ("image_size_zero", dict(image_size=0), "config.image_size=0 means init_from's image size, "
+     "but no config.init_from is set"),
+    ("image_size_negative", dict(image_size=-8), "config.image_size=-8 must be a positive"),
+    ("variant_empty", {"model.variant": ""}, "config.model.variant is empty, which means "
+     "init_from's architecture, but no config.init_from is set"),
     ("learning_rate_negative", dict(learning_rate=-0.1), "config.learning_rate=-0.1 must be"),
     ("num_steps_and_epochs_zero", dict(num_train_steps=0, num_epochs=0.0),
      "config.num_epochs=0.0 must be a positive number"),
@@ -172,9 +176,9 @@ def _checkpoint_case(name, tmp_path):
     return path, "is missing parameter MixerBlock_1/channel_mixing"
   if name == "init_from_wrong_shapes":
     return (tiny_npz(tmp_path / "w.npz", channels_mlp_dim=48),
-            "has shape (48,) but the model expects (32,)")
+            "config.model gives channels_mlp_dim=32 (variant S/2) but init_from")
   if name == "init_from_other_depth":
-    return tiny_npz(tmp_path / "d.npz", num_blocks=3), "MixerBlock_2"
+    return tiny_npz(tmp_path / "d.npz", num_blocks=3), "was trained with num_blocks=3"
   if name == "init_from_directory_not_checkpoint":
     os.makedirs(tmp_path / "random_dir")
     return str(tmp_path / "random_dir"), "neither a .npz checkpoint nor a workdir"
@@ -212,6 +216,11 @@ def small_trained(data_dir, tmp_path):
 
 def test_different_variant_in_workdir_keeps_checkpoints(data_dir, small_trained, capsys):
   before = sorted(os.listdir(small_trained / "checkpoints"))
+  code, err = guarded_run(tiny_config(data_dir, **{"model.num_blocks": 3}), small_trained, capsys)
+  assert code == errors.USER_ERROR
+  assert_one_sentence(err, "changes the run (model.num_blocks: 2 -> 3)")
+  # A workdir without its record (config.json) is still checked against model.json.
+  os.remove(small_trained / "config.json")
   code, err = guarded_run(tiny_config(data_dir, **{"model.num_blocks": 3}), small_trained, capsys)
   assert code == errors.USER_ERROR
   assert_one_sentence(err, "holds checkpoints of a different model")

@@ -298,3 +298,21 @@ def test_fewshot_on_folder_and_default_splits(tmp_path):
   assert evaluate.default_split(config_for("imagenet2012")) == "validation"
   assert evaluate.default_split(config_for("imagenet_v2/matched-frequency")) == "test"
   assert evaluate.default_split(config_for("cifar10", eval_split="test[:50%]")) == "test[:50%]"
+
+
+# --------------------------------------------------------------- class names
+def test_class_names_that_differ_by_index_are_refused(caplog):
+  check = lambda ckpt, data: evaluate.check_class_names("W", ckpt, "folder:/d", data)
+  with pytest.raises(errors.EvaluateError, match=r"^Checkpoint W orders the same classes "
+                     r"differently from dataset folder:/d \(label 0 is 'cat' in the checkpoint "
+                     r"but 'dog' in the dataset\).*--format=npz.*evaluate that\.$"):
+    check(["cat", "dog"], ["dog", "cat"])
+  with pytest.raises(errors.EvaluateError, match="names other classes than .*label 1 is 'dog'"):
+    check(["cat", "dog"], ["cat", "n02084071"])
+  # Where it cannot be wrong: no names on one side, the same list, or one list extending
+  # the other (a head wider than the dataset): at most a warning.
+  check(None, ["cat"])
+  check(["cat", "dog"], ["cat", "dog"])
+  assert "compared by index" not in caplog.text
+  check(["cat", "dog", "eel"], ["cat", "dog"])
+  assert "the same ones where both name a label" in caplog.text

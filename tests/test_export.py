@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -192,3 +193,36 @@ def test_torch_timm_parity(tiny):
     ref = tm(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
   ours = np.asarray(model.apply({"params": params}, jnp.asarray(images)))
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_output_checks_before_writing(tiny, tmp_path, monkeypatch):
+  ckpt = str(tmp_path / "tiny.npz")
+  checkpoint.save_npz(tiny[1], ckpt)
+  for fmt, output, fragment in [
+      ("timm", "x.npz", "has the extension of --format=npz, not of --format=timm; name it "
+                        "*.safetensors or pass --format=npz."),
+      ("npz", "x.safetensors", "has the extension of --format=timm, not of --format=npz"),
+      ("npz", "tiny.npz", "already exists; pass --overwrite to replace it")]:
+    with pytest.raises(errors.CheckpointError, match=re.escape(fragment)):
+      export.export(ckpt, fmt, str(tmp_path / output))
+  export.export(ckpt, "npz", ckpt, overwrite=True)  # Asked: replaced, still complete.
+  assert checkpoint.load_npz(ckpt).keys() == tiny[1].keys()
+
+  import safetensors.numpy
+  def half_written(tensors, path, metadata=None):
+    open(path, "wb").write(b"partial")
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(safetensors.numpy, "save_file", half_written)
+  with pytest.raises(errors.CheckpointError, match="Cannot write output .*No space left"):
+    export.export(ckpt, "timm", str(tmp_path / "full.safetensors"))
+  assert sorted(os.listdir(tmp_path)) == ["tiny.npz"]  # No partial or temp file.
+
+
+def test_exported_safetensors_exports_again(tiny, tmp_path):
+  """Our own timm file is a valid --checkpoint: back to .npz, bit for bit."""
+  ckpt, st, back = (str(tmp_path / n) for n in ("a.npz", "a.safetensors", "b.npz"))
+  checkpoint.save_npz(tiny[1], ckpt)
+  export.export(ckpt, "timm", st)
+  export.export(st, "npz", back)
+  a, b = checkpoint.flatten(tiny[1]), checkpoint.flatten(checkpoint.load_npz(back))
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

@@ -196,3 +196,41 @@ def test_folder_dataset_batches_are_the_same_for_any_process_count(tmp_path):
 
   for a, b in zip(batches(1), batches(2)):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------ describe_splits
+def _folder(root, layout):
+  """{split dir (or "" for flat): {class: image count}} of PNGs under root."""
+  for split, classes in layout.items():
+    for cls, n in classes.items():
+      (root / split / cls).mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        (root / split / cls / f"{i}.png").write_bytes(_png(i))
+  return input_pipeline._FolderSource(str(root), False)
+
+
+def _describe(source, train, evaluation):
+  info = input_pipeline.dataset_info(source, [train, evaluation])
+  input_pipeline.describe_splits(source, info, _config(train_split=train, eval_split=evaluation))
+
+
+def test_describe_splits_logs_images_and_classes_present(tmp_path, caplog):
+  caplog.set_level("INFO")
+  folder = _folder(tmp_path, {"train": {"a": 3, "b": 2}, "validation": {"a": 2}})
+  _describe(folder, "train", "validation")
+  assert "train split train: 5 images, 2 classes." in caplog.text
+  assert "eval split validation: 2 images, 1 class (of 2)." in caplog.text
+  # TFDS: the labels are not read; the dataset's class count is logged as such.
+  tfds_like = types.SimpleNamespace(split_labels=lambda split: None)
+  info = input_pipeline.DatasetInfo("cifar10", 10, None, {"train": 50000, "test": 10000})
+  input_pipeline.describe_splits(tfds_like, info, _config(eval_split="test"))
+  assert "eval split test: 10000 images, 10 classes (the dataset's count;" in caplog.text
+
+
+def test_training_on_one_class_is_refused(tmp_path):
+  with pytest.raises(errors.DataError, match=r"^Training split 'train' of dataset folder:.*"
+                     r"only one class.*add a subfolder of images for each other class\.$"):
+    _describe(_folder(tmp_path / "one", {"": {"a": 2}}), "train", "train")
+  two = _folder(tmp_path / "two", {"": {"a": 2, "b": 2}})
+  with pytest.raises(errors.DataError, match=r"'train\[:1\]'.*a larger slice"):
+    _describe(two, "train[:1]", "train")

@@ -17,7 +17,8 @@ def test_memory_tool_fsdp_divides_parameter_and_optimizer_bytes():
              "finally:\n"
              "  print('TENSORFLOW_IMPORTED', 'tensorflow' in sys.modules)\n")
   args = ["--config=configs/default.py", "--num_devices=8", "--num_classes=10",
-          "--config.fsdp_min_size=0"] + [f"--config.model.{k}={v}" for k, v in TINY.items()]
+          "--config.fsdp_min_size=0", "--remat_policies=full"] + [
+              f"--config.model.{k}={v}" for k, v in TINY.items()]
   result = subprocess.run([sys.executable, "-c", wrapper] + args, cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -25,6 +26,9 @@ def test_memory_tool_fsdp_divides_parameter_and_optimizer_bytes():
   assert lines[-1] == "TENSORFLOW_IMPORTED False"
   report = json.loads(lines[-2])
   assert report["header"]["num_devices"] == 8 and report["header"]["per_device_batch"] == 16
+  # One row per strategy x --remat_policies entry.
+  assert [(r["strategy"], r["remat_policy"]) for r in report["rows"]] == [
+      ("replicate", "full"), ("fsdp", "full")]
   rows = {r["strategy"]: r for r in report["rows"]}
   replicate, fsdp = rows["replicate"], rows["fsdp"]
   # Only the step counter and arrays with no dimension divisible by 8 (the 10-class

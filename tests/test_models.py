@@ -139,6 +139,11 @@ def test_other_bad_inputs_raise():
     models.create_model("B/16", 10, dtype="float8")
   with pytest.raises(ValueError, match="Unknown kernels 'gpu'; use one of auto, xla, cpu"):
     models.create_model("B/16", 10, kernels="gpu")
+  with pytest.raises(ValueError, match="^Unknown remat_policy 'dots'; use one of none, full, "
+                                       "dots_saveable, dots_with_no_batch_dims_saveable.$"):
+    models.create_model("B/16", 10, remat_policy="dots")
+  with pytest.raises(ValueError, match="^Model field scan='yes' must be True or False.$"):
+    models.create_model("B/16", 10, scan="yes")
 
 
 def test_image_side_not_divisible_by_patch_raises():
@@ -185,33 +190,70 @@ def test_drop_path_survival_rate_and_rescaling():
 def test_mixer_block_drops_each_residual_branch_at_its_rate(branch):
   """Silence the other branch; then block(x) - x is 0 or branch(x) / (1 - rate)."""
   rate, n = 0.5, 1000
-  block = mixer.MixerBlock(tokens_mlp_dim=8, channels_mlp_dim=16, stoch_depth=rate)
+  block = mixer.MixerBlock(tokens_mlp_dim=8, channels_mlp_dim=16)
   x = jax.random.normal(jax.random.key(0), (n, 4, 8))
   params = block.init(jax.random.key(1), x[:1])["params"]
   other = "channel_mixing" if branch == "token_mixing" else "token_mixing"
   params[other]["Dense_1"] = jax.tree_util.tree_map(jnp.zeros_like, params[other]["Dense_1"])
-  both = jax.jit(lambda key: (block.apply({"params": params}, x, False) - x,
-                              block.apply({"params": params}, x, True, rngs={"dropout": key}) - x))
-  full, got = map(np.asarray, both(jax.random.key(2)))
+  # The rate as a traced array, as a scanned model passes it.
+  both = jax.jit(lambda key, rate: (
+      block.apply({"params": params}, x, False, rate) - x,
+      block.apply({"params": params}, x, True, rate, rngs={"dropout": key}) - x))
+  full, got = map(np.asarray, both(jax.random.key(2), jnp.float32(rate)))
   assert np.abs(full).max(axis=(1, 2)).min() > 1e-3  # The branch is never 0 itself.
   dropped = np.all(np.abs(got) < 1e-6, axis=(1, 2))
   assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
   np.testing.assert_allclose(got[~dropped], full[~dropped] / (1 - rate), rtol=1e-4, atol=1e-5)
 
 
-def test_stochastic_depth_rates_rise_linearly_over_blocks():
+def _record_blocks(model, images, rngs):
+  """Per MixerBlock call, in block order: (stochastic-depth rate, the block's first
+  dropout key), read at run time, so under nn.scan too."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, mixer.MixerBlock) and context.method_name == "__call__":
+      rate = args[2] if len(args) > 2 else kwargs.get("drop_rate")
+      key = jax.random.key_data(context.module.make_rng("dropout"))
+      jax.debug.callback(lambda r, k: seen.append((float(r), tuple(np.ravel(k)))),
+                         -1.0 if rate is None else rate, key, ordered=True)
+    return next_fun(*args, **kwargs)
+
+  def forward(p):
+    with nn.intercept_methods(record):
+      return model.apply({"params": p}, images, train=True, rngs=rngs)
+
+  params = models.param_shapes(model, images.shape[1])
+  params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+  jax.block_until_ready(jax.jit(forward)(params))
+  return seen
+
+
+def test_stochastic_depth_rates_rise_linearly_over_blocks_unrolled_or_scanned():
+  images = jnp.zeros((2, 8, 8, 3))
+  rngs = {"dropout": jax.random.key(0)}
+  rates = [0.0, 0.1, 0.2, 0.3]
+  np.testing.assert_allclose(mixer.blocks.stoch_depth_rates(0.3, 4), rates, atol=1e-7)
   model = _tiny(stoch_depth=0.3, num_blocks=4)
+  # Unrolled: each block gets its rate as a number (seen here at trace time, no compile).
   seen = {}
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, mixer.MixerBlock) and context.method_name == "__call__":
-      seen[context.module.name] = context.module.stoch_depth
+      seen[context.module.name] = float(args[2])
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
-  np.testing.assert_allclose([seen[f"MixerBlock_{i}"] for i in range(4)],
-                             [0.0, 0.1, 0.2, 0.3], atol=1e-9)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=True))
+  np.testing.assert_allclose([seen[f"MixerBlock_{i}"] for i in range(4)], rates, atol=1e-7)
+  # Scanned: the same float32 rates arrive one per iteration, each block with its own
+  # dropout key (split_rngs).
+  scanned = _record_blocks(model.clone(scan=True), images, rngs)
+  np.testing.assert_array_equal([r for r, _ in scanned],
+                                mixer.blocks.stoch_depth_rates(0.3, 4))
+  assert len({k for _, k in scanned}) == 4
+  # Train mode without stochastic depth passes no rate (no drop, no rng needed).
+  assert mixer.blocks.stoch_depth_rates(0.0, 1).tolist() == [0.0]
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -227,21 +269,128 @@ def test_bfloat16_compute_keeps_float32_params(kernels):
   for layer in (state["intermediates"]["stem"], block["channel_mixing"]["Dense_0"],
                 block["token_mixing"]["Dense_1"], block["LayerNorm_0"]):
     assert layer["__call__"][0].dtype == jnp.bfloat16
+  # Stochastic depth's float32 rates leave the residual stream in bfloat16, unrolled
+  # or scanned (where a float32 carry would not trace).
+  for scan in (False, True):
+    model = _tiny(dtype="bfloat16", kernels=kernels, stoch_depth=0.2, scan=scan)
+    tokens = jax.eval_shape(lambda p: model.apply(
+        {"params": p}, images, train=True, return_tokens=True,
+        rngs={"dropout": jax.random.key(0)}), models.param_shapes(model, 16))
+    assert tokens.dtype == jnp.float32  # Cast at the end, as the logits.
+    stream = jax.eval_shape(lambda p: model.apply(
+        {"params": p}, images, train=True, capture_intermediates=True,
+        mutable=["intermediates"], rngs={"dropout": jax.random.key(0)}),
+        models.param_shapes(model, 16))[1]["intermediates"]
+    if not scan:
+      assert stream["MixerBlock_1"]["__call__"][0].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_remat_equals_no_remat(kernels):
+def test_scan_and_remat_policies_give_the_plain_loss_and_gradients():
+  # kernels="cpu" (the default here): its matmul's custom VJP under remat and scan.
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
-  plain, remat = _tiny(kernels=kernels), _tiny(kernels=kernels, remat=True)
+  plain = _tiny(kernels="cpu")
   params = _random_params(plain, 16, scale=0.3)
-  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
-      models.param_shapes(remat, 16))
-  loss = lambda model: jax.jit(jax.value_and_grad(
-      lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, images, train=True)))))
-  (a, grads_a), (b, grads_b) = loss(plain)(params), loss(remat)(params)
-  np.testing.assert_allclose(a, b, rtol=1e-6)
-  for u, v in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
-    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+  variants = [plain, _tiny(kernels="cpu", scan=True, remat_policy="dots_saveable"),
+              _tiny(kernels="cpu", remat_policy="full")]
+
+  def all_losses(params):
+    out = []
+    for model in variants:
+      loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, images, train=True)))
+      value, grads = jax.value_and_grad(loss)(models.to_layout(params, models.model_layout(model)))
+      out.append((value, models.to_unrolled(grads)))
+    return out
+
+  (a, grads_a), *others = jax.jit(all_losses)(params)
+  for b, grads_b in others:
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert jax.tree_util.tree_structure(grads_a) == jax.tree_util.tree_structure(grads_b)
+    for u, v in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
+      np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- scanned blocks: the two layouts
+def test_scanned_model_equals_unrolled_on_the_same_weights():
+  unrolled, scanned = _tiny(num_blocks=3, kernels="xla"), _tiny(num_blocks=3, kernels="xla",
+                                                               scan=True)
+  shapes = models.param_shapes(scanned, 16)
+  assert set(shapes) == {"stem", "MixerBlock", "pre_head_layer_norm", "head"}
+  assert shapes["MixerBlock"]["token_mixing"]["Dense_0"]["kernel"].shape == (3, 16, 6)
+  assert models.count_params(shapes) == models.count_params(models.param_shapes(unrolled, 16))
+  assert jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes) == jax.tree_util.tree_map(
+      lambda s: (s.shape, s.dtype), models.to_scanned(models.param_shapes(unrolled, 16)))
+  params = _random_params(unrolled, 16)
+  images = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  a, b = jax.jit(lambda p, q: (unrolled.apply({"params": p}, images),
+                               scanned.apply({"params": q}, images)))(
+      params, models.to_scanned(params))
+  np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+  assert np.abs(np.asarray(a)).max() > 0.1
+
+
+def test_layout_conversion_round_trips_exactly_params_and_optimizer_state():
+  import optax
+  params = _random_params(_tiny(num_blocks=3), 16)
+  scanned = models.to_scanned(params)
+  assert (models.layout(params), models.layout(scanned)) == ("unrolled", "scanned")
+  for i in range(3):  # Block i is entry i of every stacked array, key by key.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params[f"MixerBlock_{i}"]):
+      stacked = scanned["MixerBlock"]
+      for k in path:
+        stacked = stacked[k.key]
+      np.testing.assert_array_equal(stacked[i], leaf)
+  back = models.to_unrolled(scanned)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+  for u, v in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+    assert u.dtype == v.dtype
+    np.testing.assert_array_equal(u, v)
+  # Conversions are idempotent; to_layout picks the direction.
+  assert models.to_layout(scanned, "scanned")["MixerBlock"] is not None
+  assert set(models.to_layout(scanned, "unrolled")) == set(params)
+  # A whole train state: Adam's count stays, mu and nu convert with the parameters.
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  state = {"step": np.int32(3), "params": params, "opt_state": tx.init(params)}
+  state = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1, state)
+  state_scanned = models.to_scanned(state)
+  assert models.layout(state_scanned) == "scanned"
+  mu = state_scanned["opt_state"][1][0].mu
+  assert mu["MixerBlock"]["channel_mixing"]["Dense_1"]["kernel"].shape == (3, 12, 8)
+  round_trip = models.to_unrolled(state_scanned)
+  assert jax.tree_util.tree_structure(round_trip) == jax.tree_util.tree_structure(state)
+  for u, v in zip(jax.tree_util.tree_leaves(round_trip), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(u, v)
+  # Shapes alone (to build an abstract target) and jax arrays convert too.
+  abstract = models.to_unrolled(models.param_shapes(_tiny(num_blocks=3, scan=True), 16))
+  assert jax.tree_util.tree_map(lambda s: s.shape, abstract) == jax.tree_util.tree_map(
+      np.shape, params)
+  on_device = models.to_scanned(jax.device_put(params))
+  np.testing.assert_array_equal(on_device["MixerBlock"]["LayerNorm_0"]["scale"],
+                                scanned["MixerBlock"]["LayerNorm_0"]["scale"])
+
+
+def test_layout_conversion_checks_every_key():
+  params = _random_params(_tiny(num_blocks=3), 16)
+  gap = {k: v for k, v in params.items() if k != "MixerBlock_1"}
+  with pytest.raises(ValueError, match="MixerBlock_1 is missing"):
+    models.to_scanned(gap)
+  odd = {**params, "MixerBlock_2": {**params["MixerBlock_2"], "extra": np.zeros(2)}}
+  with pytest.raises(ValueError, match="^MixerBlock_2/extra has no counterpart in MixerBlock_0"):
+    models.to_scanned(odd)
+  wide = jax.tree_util.tree_map(lambda x: x, params)
+  wide["MixerBlock_1"]["LayerNorm_0"]["scale"] = np.zeros(9, np.float32)
+  with pytest.raises(ValueError, match=r"^MixerBlock_1/LayerNorm_0/scale has shape \(9,\)"):
+    models.to_scanned(wide)
+  mixed = {**models.to_scanned(params), "MixerBlock_0": params["MixerBlock_0"]}
+  with pytest.raises(ValueError, match="mixes the two layouts"):
+    models.to_unrolled(mixed)
+  ragged = models.to_scanned(params)
+  ragged["MixerBlock"]["LayerNorm_1"]["bias"] = np.zeros((2, 8), np.float32)
+  with pytest.raises(ValueError, match="MixerBlock/LayerNorm_1/bias stacks 2 blocks"):
+    models.to_unrolled(ragged)
+  with pytest.raises(ValueError, match="holds no MixerBlock blocks"):
+    models.layout({"stem": params["stem"]})
+  with pytest.raises(ValueError, match="Unknown layout 'stacked'"):
+    models.to_layout(params, "stacked")
 
 
 def test_plain_model_supports_forward_mode_autodiff():

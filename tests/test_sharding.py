@@ -1,5 +1,6 @@
 """sharding.py: replicate, fsdp and a model axis on 8 simulated devices give the same
-losses, with the parameter and optimiser shards the rules promise."""
+losses, with the parameter and optimiser shards the rules promise; a scanned model's
+stacked blocks shard as the unrolled model's blocks do."""
 
 import json
 import subprocess
@@ -105,3 +106,84 @@ def test_fsdp_and_model_axis_match_replicate_on_8_devices(digits_folder, tmp_pat
     assert np.prod(a["shard"]) * 8 == np.prod(a["shape"]), a
 
 
+
+
+# ------------------------------------------------------- scanned blocks under fsdp
+def test_stacked_parameters_keep_the_block_axis_whole_and_shard_like_one_block():
+  from mixer_jax import sharding
+
+  class Mesh8:  # param_spec reads only the axis sizes.
+    shape = {sharding.DATA: 8, sharding.MODEL: 2}
+
+  for path, shape in (("params/MixerBlock_3/token_mixing/Dense_0/kernel", (196, 384)),
+                      ("params/MixerBlock_3/channel_mixing/Dense_1/kernel", (3072, 768)),
+                      ("opt_state/[1]/mu/MixerBlock_3/token_mixing/Dense_0/bias", (384,)),
+                      ("params/MixerBlock_3/LayerNorm_0/scale", (768,))):
+    one = sharding.param_spec(path, shape, Mesh8, "fsdp", 2 ** 10)
+    # 32 blocks: whole, and the rest as one block's (2^10 counts one block's elements).
+    stacked = sharding.param_spec(path.replace("MixerBlock_3", "MixerBlock"), (32,) + shape,
+                                  Mesh8, "fsdp", 2 ** 10, stacked=True)
+    assert tuple(stacked) == (None,) + tuple(one), path
+  assert tuple(sharding.param_spec("x/MixerBlock/b", (32, 24), Mesh8, "fsdp", 16,
+                                   stacked=True)) == (None, "data")
+
+
+_SCANNED_FSDP_SCRIPT = r"""
+import json
+import jax, numpy as np
+from configs import default
+from mixer_jax import sharding, state
+
+c = default.get_config()
+c.model.update(num_blocks=2, hidden_dim=16, tokens_mlp_dim=16, channels_mlp_dim=32, scan=True)
+c.update(sharding="fsdp", fsdp_min_size=64, warmup_steps=0, lr_decay="constant",
+         learning_rate=0.03, batch_size=16)
+rng = np.random.default_rng(0)
+local = {"image": rng.uniform(-1, 1, (16, 8, 8, 3)).astype(np.float32),
+         "label": rng.integers(0, 10, 16).astype(np.int32)}
+out = {}
+for n in (1, 8):
+  mesh = sharding.make_mesh(1, jax.devices()[:n])
+  setup = state.Setup(c, 10, total_steps=10, mesh=mesh)
+  train_step = setup.train_step()
+  batch = sharding.global_batch(local, mesh)
+  st = setup.init_state()
+  step = train_step.lower(st, batch).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  losses = []
+  for _ in range(3):
+    st, metrics = step(st, batch)
+    losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+  shards = lambda tree: {jax.tree_util.keystr(p): [list(a.sharding.spec), list(a.shape),
+                                                   list(a.addressable_shards[0].data.shape)]
+                         for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+  out[n] = {"losses": losses, "state": shards(st)}
+  # The unrolled model's per-device bytes under the same rules, from shapes alone.
+  c.model.scan = False
+  unrolled = state.Setup(c, 10, total_steps=10, mesh=mesh).abstract_state
+  c.model.scan = True
+  nbytes = lambda tree: sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+                            for a in jax.tree_util.tree_leaves(tree))
+  out[n]["bytes"] = [nbytes(setup.abstract_state), nbytes(unrolled)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_scanned_model_under_fsdp_gives_the_same_losses_on_1_and_8_devices():
+  result = subprocess.run([sys.executable, "-c", _SCANNED_FSDP_SCRIPT], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.split("RESULT ", 1)[1])
+  one, eight = out["1"], out["8"]
+  for step, (a, b) in enumerate(zip(one["losses"], eight["losses"])):
+    _same(b, a, f"step {step + 1} loss, grad_norm")
+  assert one["losses"][0] != one["losses"][2]  # The steps train.
+  # Each device holds what it would for the unrolled model: the same bytes.
+  assert eight["bytes"][0] == eight["bytes"][1] < one["bytes"][0] / 4
+  stacked = {k: a for k, a in eight["state"].items() if "['MixerBlock']" in k}
+  assert stacked and all(a[0][0] is None for a in stacked.values())  # Block axis whole.
+  split = [a for a in stacked.values() if "data" in a[0]]
+  assert len(split) >= 3 * 4  # params, mu, nu of the 4 block kernels at least.
+  for spec, shape, shard in split:
+    assert np.prod(shard) * 8 == np.prod(shape) and shard[0] == shape[0]

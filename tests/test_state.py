@@ -61,6 +61,28 @@ def test_abstract_state_has_shapes_and_shardings(setup):
   assert (setup.eval_model.stoch_depth, setup.eval_model.dropout) == (0.0, 0.0)
 
 
+def test_scan_and_remat_policy_reach_the_models_and_their_shardings():
+  config = _config(**{"model.scan": True, "model.remat_policy": "full", "model.num_blocks": 2})
+  other = state_lib.Setup(config, NUM_CLASSES, mesh=sharding.make_mesh(1, jax.devices()[:1]))
+  for model in (other.model, other.eval_model, other.feature_model()):
+    assert (model.scan, model.remat_policy) == (True, "full")
+  kernel = other.abstract_state["params"]["MixerBlock"]["channel_mixing"]["Dense_0"]["kernel"]
+  assert kernel.shape == (2, 16, 32)
+  # Parameters in the released (unrolled) layout are placed in the model's.
+  unrolled = models.to_unrolled(other.abstract_state["params"])
+  rng = np.random.default_rng(0)
+  unrolled = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                                    unrolled)
+  placed = other.place_params(unrolled)
+  _same_layout(placed, other.abstract_state["params"])
+  np.testing.assert_array_equal(
+      placed["MixerBlock"]["channel_mixing"]["Dense_0"]["kernel"][1],
+      unrolled["MixerBlock_1"]["channel_mixing"]["Dense_0"]["kernel"])
+  assert other.num_params == models.count_params(
+      models.param_shapes(state_lib.build_model(_config(**{"model.num_blocks": 2}),
+                                                NUM_CLASSES), 8))
+
+
 def test_fields_of_a_checkpoint_win_over_the_config():
   fields = dict(patch_size=4, num_blocks=1, hidden_dim=8, tokens_mlp_dim=4, channels_mlp_dim=8)
   other = state_lib.Setup(_config(), 3, fields=fields)
@@ -148,6 +170,8 @@ def test_state_with_params_keeps_them_at_step_zero(setup):
      "config.model.hidden_dim=-4 must be a positive integer (or 0 for the variant's value)."),
     (dict(loss="hinge"), "config.loss='hinge' is not one of softmax, sigmoid."),
     (dict(optimizer="lamb"), "config.optimizer='lamb' is not one of adam, sgd."),
+    ({"model.remat_policy": "dots"}, "config.model.remat_policy='dots' is not one of none, "
+     "full, dots_saveable, dots_with_no_batch_dims_saveable."),
 ])
 def test_validate_config_refuses_bad_values_in_one_sentence(overrides, sentence):
   with pytest.raises(errors.ConfigError, match=f"^{re.escape(sentence)}$"):

@@ -39,6 +39,7 @@ from mixer_jax import evaluate
 from mixer_jax import input_pipeline
 from mixer_jax import models
 from mixer_jax import resolution
+from mixer_jax import run_record
 from mixer_jax import train
 from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint, write_folder
 
@@ -75,16 +76,62 @@ def test_training_writes_metrics_events_and_checkpoints(trained):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_raising_steps_continues(trained, data_dir):
-  workdir, _ = trained
-  before = read_metrics(workdir)
-  # Same command again: nothing left to do, no step repeated.
+def test_scanned_and_unrolled_runs_resume_from_each_other(trained, data_dir, tmp_path,
+                                                          monkeypatch):
+  """The straight run's step 2 (unrolled) resumed scanned for step 3 (stopped there as
+  if preempted), then unrolled for step 4: the straight run's losses and parameters to
+  float32 rounding; the scanned run wrote the unrolled run's files. (Runs before
+  test_rerun_resumes..., which extends the `trained` run.)"""
+  from test_checkpoint import stored_items
+  reference, _ = trained
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  with monkeypatch.context() as m:
+    m.setattr(train.PreemptionWatcher, "should_stop", lambda self, step: step == 3)
+    train.train_and_evaluate(tiny_config(data_dir, **{"model.scan": True}), workdir)
+  assert stored_items(workdir, 3) == stored_items(reference, 2)
   train.train_and_evaluate(tiny_config(data_dir), workdir)
+  starts = run_record.read(workdir)["starts"]
+  assert [(s["step"], "model.scan" in s.get("accepted_changes", {})) for s in starts] == [
+      (0, False), (2, True), (3, True)]  # Changed both times, without --accept_changes.
+  rows, ref = {}, {}
+  for merged, w in ((rows, workdir), (ref, reference)):
+    for r in read_metrics(w):
+      merged.setdefault(r["step"], {}).update(r)
+  assert sorted(rows) == [3, 4]  # Train loss of step 3, then of step 4 and the eval.
+  assert np.mean([rows[3]["train/loss"], rows[4]["train/loss"]]) == pytest.approx(
+      ref[4]["train/loss"], rel=1e-5)
+  assert rows[4]["eval/accuracy"] == ref[4]["eval/accuracy"]
+  assert rows[4]["eval/loss"] == pytest.approx(ref[4]["eval/loss"], rel=1e-5)
+  got, want = (checkpoint.flatten(checkpoint.load_params(os.path.join(w, "checkpoints", "4"))[0])
+               for w in (workdir, reference))
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=2e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_raising_steps_continues(trained, data_dir):
+  workdir, result = trained
+  before = read_metrics(workdir)
+  # Same command again: nothing left to do, no step repeated; the final metrics again.
+  assert train.train_and_evaluate(tiny_config(data_dir), workdir) == result
   assert read_metrics(workdir) == before
-  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6), workdir)
+  # A change to the run itself is refused before anything runs, naming old and new.
+  with pytest.raises(errors.WorkdirError, match=r"batch_size: 32 -> 16; learning_rate"):
+    train.train_and_evaluate(tiny_config(data_dir, batch_size=16, learning_rate=0.1), workdir)
+  # More steps are allowed; a learning-rate change only when accepted.
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, learning_rate=2e-3),
+                           workdir, accept_changes=["learning_rate"])
   steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
   assert steps == [2, 4, 6]
   assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
+  starts = run_record.read(workdir)["starts"]
+  assert [s["step"] for s in starts] == [0, 4]
+  assert starts[1]["accepted_changes"]["learning_rate"] == [3e-3, 2e-3]
+  assert run_record.read(workdir)["config"]["num_train_steps"] == 6
 
 
 def test_eval_counts_every_example_once_with_a_remainder_batch(data_dir):
@@ -199,9 +246,24 @@ def test_unwritable_workdir(data_dir, tmp_path):
 def test_workdir_of_a_different_model_is_refused(trained, data_dir):
   workdir, _ = trained
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(errors.WorkdirError, match="different model"):
+  with pytest.raises(errors.WorkdirError, match="model.hidden_dim: 16 -> 24"):
     train.train_and_evaluate(tiny_config(data_dir, **{"model.hidden_dim": 24}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.mark.slow
+def test_init_from_a_workdir_takes_its_architecture(trained, data_dir, tmp_path):
+  workdir, _ = trained
+  config = tiny_config(data_dir, init_from=workdir, num_train_steps=1, image_size=0,
+                       eval_every_steps=1, checkpoint_every_steps=1)
+  for key in ("variant", "patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim",
+              "channels_mlp_dim"):
+    config.model[key] = "" if key == "variant" else 0  # Nothing re-typed.
+  train.train_and_evaluate(config, str(tmp_path / "ft"))
+  assert checkpoint.read_model_file(str(tmp_path / "ft"))["model"] == \
+      checkpoint.read_model_file(workdir)["model"]
+  recorded = run_record.read(str(tmp_path / "ft"))["config"]
+  assert (recorded["model.variant"], recorded["image_size"]) == ("S/2", 8)
 
 
 def test_preemption_watcher_agrees_lag_steps_after_the_signal():
@@ -292,7 +354,7 @@ def test_imagenet1k_recipe_trains_on_an_image_folder_with_every_augmentation(ima
                     config=I1K, timeout=240,
                     env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0"})
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Skipping 1 corrupt image file(s)" in result.stderr and corrupt in result.stderr
+  assert "skipped 1 file: 1 undecodable" in result.stderr and corrupt in result.stderr
 
   rows = read_metrics(workdir)
   train_rows = [r for r in rows if "train/loss" in r]

@@ -16,7 +16,8 @@ label means the same class in every split); label = index in ``class_names``.
 Images may sit in nested folders below a class folder (searched recursively).
 Hidden files and folders (name starting with ``.``) are ignored, as are files
 without an accepted extension: ``.jpg .jpeg .png .bmp .gif``
-(case-insensitive).
+(case-insensitive), and files outside the class folders; every file left out
+is counted by reason (``skipped_counts``) and logged as one line.
 
 Order and slicing
 -----------------
@@ -77,6 +78,10 @@ SPLIT_ALIASES = {
 }
 _DECODABLE_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP'})
 _CACHE_VERSION = 1
+# Why a file under the root is not an example (FolderSource.skipped_counts).
+SKIP_REASONS = ('outside a class folder', 'hidden', 'not an image extension',
+                'empty', 'unreadable', 'undecodable')
+_EMPTY = 'the file is empty'
 _FIX = ('remove it or set config.skip_corrupt_images=True to skip such files')
 _SLICE_RE = re.compile(
     r'^\s*(?P<name>[A-Za-z_]+)\s*'
@@ -121,7 +126,7 @@ def check_image(path: str) -> Optional[Tuple[str, str]]:
   except OSError as e:
     return 'cannot be read', (e.strerror or _clean_reason(e, path))
   if not data:
-    return 'cannot be decoded', 'the file is empty'
+    return 'cannot be decoded', _EMPTY
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt = im.format
@@ -174,6 +179,8 @@ class FolderSource:
     split_names: available split names (``val`` is accepted for
       ``validation``).
     skipped: absolute paths of files left out as corrupt (skip_corrupt=True).
+    skipped_counts: {reason in SKIP_REASONS: count} of every file under the
+      root that is not an example (only non-zero counts), logged as one line.
   """
 
   def __init__(self, root: str, *, skip_corrupt: bool = False,
@@ -216,6 +223,14 @@ class FolderSource:
     # --- Scan: split -> class -> sorted relative file paths. ---
     scanned_dirs: List[Tuple[str, int]] = [('.', os.stat(root).st_mtime_ns)]
     files: Dict[str, Dict[str, List[str]]] = {}
+    # Files left out, by reason (logged once, below).
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    for d in {root, *split_dirs.values()}:
+      with os.scandir(d) as it:
+        for e in it:
+          if e.is_file():
+            skipped['hidden' if _is_hidden(e.name)
+                    else 'outside a class folder'] += 1
     for split, split_dir in sorted(split_dirs.items()):
       classes = _subdirs(split_dir)
       if not classes:
@@ -241,8 +256,11 @@ class FolderSource:
           scanned_dirs.append((os.path.relpath(dirpath, root),
                                os.stat(dirpath).st_mtime_ns))
           for fn in filenames:
-            if (not _is_hidden(fn)
-                and os.path.splitext(fn)[1].lower() in IMAGE_EXTENSIONS):
+            if _is_hidden(fn):
+              skipped['hidden'] += 1
+            elif os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
+              skipped['not an image extension'] += 1
+            else:
               rel.append(os.path.relpath(os.path.join(dirpath, fn), root))
         rel.sort()
         if not rel:
@@ -263,8 +281,9 @@ class FolderSource:
         raise ValueError(_bad_file_message(
             os.path.join(root, first), verb, reason, len(bad) - 1))
       self.skipped = sorted(os.path.join(root, p) for p in bad)
-      logging.warning('Skipping %d corrupt image file(s) under %s, e.g. %s.',
-                      len(bad), root, self.skipped[0])
+      for verb, reason in bad.values():
+        skipped['empty' if reason == _EMPTY else
+                'unreadable' if verb == 'cannot be read' else 'undecodable'] += 1
       for split in files:
         for cls, rel in files[split].items():
           kept = [p for p in rel if p not in bad]
@@ -274,6 +293,14 @@ class FolderSource:
                 f'usable images (all {len(rel)} were skipped as corrupt); '
                 'add images to it or remove it.')
           files[split][cls] = kept
+    self.skipped_counts = {k: n for k, n in skipped.items() if n}
+    if self.skipped_counts:
+      counts = ', '.join(f'{n} {k}' for k, n in self.skipped_counts.items())
+      example = f' (e.g. {self.skipped[0]})' if self.skipped else ''
+      log = logging.warning if self.skipped else logging.info
+      total = sum(self.skipped_counts.values())
+      log('Dataset folder %s: skipped %d file%s: %s%s.', root, total,
+          '' if total == 1 else 's', counts, example)
 
     self.class_names: List[str] = sorted(
         {c for s in files.values() for c in s})

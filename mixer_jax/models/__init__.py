@@ -10,10 +10,18 @@ a family is one import and one `register(...)` line at the bottom of this file.
 
 `kernels` picks the ops a module computes with: "xla" = the plain ops of the family
 file, "cpu" = the faster equal forms of `mixer_jax/kernels/cpu.py` (through the
-module's `dot_general` / `conv_general_dilated` / `activation` fields), "auto" =
-"cpu" on the CPU backend and "xla" elsewhere. The plain ops support every JAX
-transformation; the "cpu" matmul has a custom VJP, so forward-mode autodiff
-(jax.jvp, jax.jacfwd, jax.hessian) needs kernels="xla".
+module's `dot_general` / `conv_general_dilated` / `activation` fields), "pallas" =
+the GPU kernels of `mixer_jax/kernels/pallas.py` (through its `layer_norm` /
+`mlp_block` module fields; the plain ops, logged once, where they cannot compile),
+"auto" = "cpu" on the CPU backend and "xla" elsewhere. The plain ops support every JAX
+transformation; the "cpu" matmul and the "pallas" kernels have custom VJPs, so
+forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) needs kernels="xla".
+
+`scan=True` runs the blocks under `nn.scan`: the parameters of the N blocks are then
+stacked on a leading axis (the "scanned" layout). The released `.npz` layout
+("unrolled") stays the interchange format: `to_unrolled`, `to_scanned`, `to_layout`
+and `layout` (from `blocks.py`) convert and detect either, for parameters and for
+any tree holding them (Adam's moments, a whole train state).
 """
 
 import dataclasses
@@ -25,6 +33,9 @@ import jax.numpy as jnp
 
 from mixer_jax import kernels as kernel_sets
 from mixer_jax.models import mixer
+from mixer_jax.models.blocks import (LAYOUTS, REMAT_POLICIES, SCANNED, UNROLLED, is_stacked,
+                                     layout, model_layout, to_layout, to_scanned,
+                                     to_unrolled)
 
 # Paper Table 1: hidden size C, blocks, token-MLP width D_S, channel-MLP width D_C.
 SIZES = {
@@ -34,7 +45,7 @@ SIZES = {
     "H": dict(hidden_dim=1280, num_blocks=32, tokens_mlp_dim=640, channels_mlp_dim=5120),
 }
 PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
-KERNELS = ("auto", "xla", "cpu")
+KERNELS = ("auto", "xla", "cpu", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +76,7 @@ class Family:
 
 _FAMILIES = []
 # Module fields a user may not set: they are chosen by `kernels`.
-_OPS = ("dot_general", "conv_general_dilated", "activation")
+_OPS = ("dot_general", "conv_general_dilated", "activation", "layer_norm", "mlp_block")
 
 
 def register(family: Family):
@@ -81,8 +92,11 @@ def create_model(variant: str, num_classes: Optional[int], **overrides):
     num_classes: head width; 0 or None gives pooled pre-logit features.
     **overrides: any of the family's size fields (for the Mixer: patch_size,
       num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim), stoch_depth, dropout,
-      dtype ("float32", "bfloat16" or a jnp dtype), head_bias_init, remat, and
-      kernels ("auto", "xla" or "cpu", see the module docstring).
+      dtype ("float32", "bfloat16" or a jnp dtype), head_bias_init, remat_policy
+      (one of REMAT_POLICIES: "none", "full", "dots_saveable",
+      "dots_with_no_batch_dims_saveable"), scan (bool: blocks under nn.scan, stacked
+      parameters), and kernels ("auto", "xla", "cpu" or "pallas", see the module
+      docstring).
   """
   name = str(variant).strip()
   family = next((f for f in _FAMILIES if re.fullmatch(f.pattern, name)), None)
@@ -111,6 +125,11 @@ def create_model(variant: str, num_classes: Optional[int], **overrides):
       raise ValueError(f"Model field {key}={value!r} must be in [0, 1).")
   if "dtype" in values:
     values["dtype"] = compute_dtype(values["dtype"])
+  if values.get("remat_policy", "none") not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat_policy {values['remat_policy']!r}; use one of "
+                     f"{', '.join(REMAT_POLICIES)}.")
+  if not isinstance(values.get("scan", False), bool):
+    raise ValueError(f"Model field scan={values['scan']!r} must be True or False.")
   ops = {k: v for k, v in kernel_ops(kernels).items() if k in module_fields}
   return family.module(num_classes=num_classes, **values, **ops)
 

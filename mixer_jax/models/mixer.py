@@ -16,10 +16,14 @@ The parameter tree is the one of Google's released `.npz` files: `stem`,
 channel_mixing/Dense_{0,1}}`, `pre_head_layer_norm`, `head`.
 
 Beyond the paper: stochastic depth and dropout for training, a compute dtype
-(parameters stay float32, logits come out float32), per-block rematerialisation.
-`dot_general`, `conv_general_dilated` and `activation` are the plain ops unless
-`models.create_model(..., kernels=...)` injects an equal, faster form from
-`mixer_jax/kernels/`.
+(parameters stay float32, logits come out float32), per-block rematerialisation
+(`remat_policy`), and `scan`: the N blocks run as one block under `nn.scan` (one
+traced block instead of N: faster compiles), with every block parameter stacked on a
+leading block axis under `MixerBlock` (`blocks.py` converts between that and the
+released layout). `dot_general`, `conv_general_dilated` and `activation` are the
+plain ops, and `layer_norm` and `mlp_block` the plain modules (nn.LayerNorm, MlpBlock),
+unless `models.create_model(..., kernels=...)` injects an equal, faster form from
+`mixer_jax/kernels/` (the same parameters).
 """
 
 import functools
@@ -29,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mixer_jax.models import blocks
 
 
 def gelu(x):
@@ -42,9 +48,9 @@ def drop_path(x, rate: float, rng) -> jax.Array:
   Kept branches are divided by the survival probability (1 - rate), as in timm's
   DropPath and big_vision, so evaluation needs no rescaling.
   """
-  keep = 1.0 - rate
+  keep = 1.0 - rate  # A number, or a float32 array under scan: x keeps its dtype.
   mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class MlpBlock(nn.Module):
@@ -65,31 +71,37 @@ class MlpBlock(nn.Module):
 
 
 class MixerBlock(nn.Module):
-  """x += token_mixing(LN(x)^T)^T ; x += channel_mixing(LN(x)), on (batch, tokens, channels)."""
+  """x += token_mixing(LN(x)^T)^T ; x += channel_mixing(LN(x)), on (batch, tokens, channels).
+
+  `drop_rate`: this block's stochastic-depth rate (a number, or under scan this
+  block's entry of the scanned rates); None = no stochastic depth.
+  """
   tokens_mlp_dim: int
   channels_mlp_dim: int
-  stoch_depth: float = 0.0  # This block's drop rate.
   dropout: float = 0.0
   dtype: Any = jnp.float32
   dot_general: Callable = lax.dot_general
   activation: Callable = gelu
+  layer_norm: Callable = nn.LayerNorm
+  mlp_block: Callable = MlpBlock
 
-  def _residual(self, x, branch, train):
-    if train and self.stoch_depth > 0.0:
-      branch = drop_path(branch, self.stoch_depth, self.make_rng("dropout"))
+  def _residual(self, x, branch, train, drop_rate):
+    if train and drop_rate is not None:
+      branch = drop_path(branch, drop_rate, self.make_rng("dropout"))
     return x + branch
 
+  # Positional `train`: nn.remat marks it static (argument 2, counting self).
   @nn.compact
-  def __call__(self, x, train: bool = False):  # Positional `train`: nn.remat marks it static.
-    mlp = functools.partial(MlpBlock, dropout=self.dropout, dtype=self.dtype,
+  def __call__(self, x, train: bool = False, drop_rate=None):
+    mlp = functools.partial(self.mlp_block, dropout=self.dropout, dtype=self.dtype,
                             dot_general=self.dot_general, activation=self.activation)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    y = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
     y = jnp.swapaxes(y, 1, 2)
     y = mlp(self.tokens_mlp_dim, name="token_mixing")(y, train=train)
-    x = self._residual(x, jnp.swapaxes(y, 1, 2), train)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    x = self._residual(x, jnp.swapaxes(y, 1, 2), train, drop_rate)
+    y = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(x)
     y = mlp(self.channels_mlp_dim, name="channel_mixing")(y, train=train)
-    return self._residual(x, y, train)
+    return self._residual(x, y, train, drop_rate)
 
 
 class MlpMixer(nn.Module):
@@ -101,7 +113,9 @@ class MlpMixer(nn.Module):
     dropout: dropout rate after each GELU and after each MLP's output.
     dtype: compute dtype; parameters are float32 and logits are returned in float32.
     head_bias_init: initial head bias (e.g. -6.9 for a sigmoid loss).
-    remat: recompute each block in the backward pass (saves activation memory).
+    remat_policy: "none", or recompute each block's activations in the backward pass
+      keeping what the policy names ("full": only the block input; blocks.py).
+    scan: run the blocks under nn.scan, parameters stacked under `MixerBlock`.
 
   `apply(..., return_tokens=True)` returns the tokens after `pre_head_layer_norm` (B, S, C).
   """
@@ -115,10 +129,13 @@ class MlpMixer(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   head_bias_init: float = 0.0
-  remat: bool = False
+  remat_policy: str = "none"
+  scan: bool = False
   dot_general: Callable = lax.dot_general
   conv_general_dilated: Callable = lax.conv_general_dilated
   activation: Callable = gelu
+  layer_norm: Callable = nn.LayerNorm
+  mlp_block: Callable = MlpBlock
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
@@ -127,13 +144,26 @@ class MlpMixer(nn.Module):
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 conv_general_dilated=self.conv_general_dilated, name="stem")(images)
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Tokens in row-major raster order.
-    block = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
-    for i in range(self.num_blocks):
-      x = block(self.tokens_mlp_dim, self.channels_mlp_dim,
-                stoch_depth=self.stoch_depth * i / max(self.num_blocks - 1, 1),
-                dropout=self.dropout, dtype=self.dtype, dot_general=self.dot_general,
-                activation=self.activation, name=f"MixerBlock_{i}")(x, train)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
+    block = MixerBlock
+    if self.remat_policy != "none":  # Under scan the loop itself keeps XLA from CSE.
+      block = nn.remat(block, policy=blocks.remat_policy(self.remat_policy),
+                       prevent_cse=not self.scan, static_argnums=(2,))
+    block = functools.partial(block, self.tokens_mlp_dim, self.channels_mlp_dim,
+                              dropout=self.dropout, dtype=self.dtype,
+                              dot_general=self.dot_general, activation=self.activation,
+                              layer_norm=self.layer_norm, mlp_block=self.mlp_block)
+    # Stochastic depth: block i of N drops at stoch_depth * i / (N - 1).
+    rates = (blocks.stoch_depth_rates(self.stoch_depth, self.num_blocks)
+             if train and self.stoch_depth > 0.0 else None)
+    if self.scan:  # One block looped N times, over its stacked parameters and rates.
+      body = lambda block, x, rate: (block(x, train, rate), None)
+      x, _ = nn.scan(body, variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True},
+                     length=self.num_blocks)(block(name="MixerBlock"), x, rates)
+    else:
+      for i in range(self.num_blocks):
+        x = block(name=f"MixerBlock_{i}")(x, train, None if rates is None else rates[i])
+    x = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
     if return_tokens:
       return x.astype(jnp.float32)
     x = jnp.mean(x, axis=1)
