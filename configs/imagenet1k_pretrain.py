@@ -110,6 +110,12 @@ def get_config(arg=None):
   c.model.variant = variant
   c.model.stoch_depth = 0.1
   c.model.dropout = 0.0
+  # L (and H): blocks under nn.scan, each recomputed in the backward pass. H/14's train
+  # step then compiles 4.4x faster and peaks at 8.5 instead of 25 GiB per device
+  # (BENCHMARKS.md, "Scan and remat"); B stays unrolled, where scan gains little.
+  large = variant.split("/")[0] in ("L", "H")
+  c.model.scan = large
+  c.model.remat_policy = "full" if large else "none"
   c.dtype = "bfloat16"
 
   # Loss and regularisation.
