@@ -49,9 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.head_bias_init = 0.0        # -6.9 with the sigmoid loss (prior ~1/1000 per class).
   c.label_smoothing = 0.0
   c.mixup_alpha = 0.0           # Paper ImageNet-1k: 0.5.
+  c.cutmix_alpha = 0.0          # CutMix Beta(a, a); with mixup on, one of the two per batch.
 
   # Optimiser (optim.py): clip -> Adam or momentum SGD -> decoupled weight decay -> lr.
-  c.optimizer = "adam"          # "adam" | "sgd" (momentum).
+  c.optimizer = "adam"          # "adam" | "sgd" (momentum) | "lamb" (ResMLP's).
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8

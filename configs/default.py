@@ -8,12 +8,29 @@ machine, no download (the dataset is built offline from the copy inside scikit-l
 Seeds 1 and 2 (`--config.seed=1`) gave 98.03% and 97.46% (commit 65a38cf).
 Model: patch 2 on 8x8 images -> 16 tokens, 4 blocks of width 64 (143,498 parameters).
 No flip or crop: digits are not mirror-symmetric.
+
+The same demo for the Mixer's siblings (argument: the family), same data and steps:
+
+  python -m mixer_jax.main --config=configs/default.py:resmlp --workdir=/tmp/resmlp_digits
+  python -m mixer_jax.main --config=configs/default.py:gmlp --workdir=/tmp/gmlp_digits
+
+- resmlp: a ResMLP (variant resmlp_12's family and LayerScale init 1e-4) with patch 2,
+  4 blocks of width 64, channel MLP 256 (136,586 parameters); learning rate 1e-2, no
+  weight decay. Seeds 0, 1, 2: 97.75%, 98.03%, 97.75% (~40 s each on the 2-core CPU).
+- gmlp: a gMLP (gmlp_s16's family) with patch 2, 4 blocks of width 64,
+  channel_proj_in 256 (the gate halves it to 128) (103,818 parameters); the Mixer's
+  optimiser settings. Seeds 0, 1, 2: 98.31%, 98.31%, 98.31% (~40 s each).
 """
 
 from configs import common
 
+FAMILIES = ("mixer", "resmlp", "gmlp")
 
-def get_config():
+
+def get_config(family: str = "mixer"):
+  if family not in FAMILIES:
+    raise ValueError(f"Unknown family {family!r} in configs/default.py:{family}; use one of "
+                     f"{', '.join(FAMILIES)}.")
   c = common.base_config()
   c.dataset = "mixer_digits"
   c.train_split = "train"
@@ -40,4 +57,13 @@ def get_config():
   c.log_every_steps = 100
   c.eval_every_steps = 200
   c.checkpoint_every_steps = 200
+  if family != "mixer":  # Width, depth and patch as above; no token-MLP width.
+    c.model.patch_size = 2
+    c.model.tokens_mlp_dim = 0
+  if family == "resmlp":
+    c.model.variant = "resmlp_12"
+    c.learning_rate = 1e-2
+    c.weight_decay = 0.0
+  elif family == "gmlp":
+    c.model.variant = "gmlp_s16"
   return c

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
   positive, natural = _at_least(1), _at_least(0)
   p = _Parser(prog="python -m mixer_jax.benchmark", description=__doc__.split("\n")[0])
   p.add_argument("--mode", default="train", choices=MODES)
-  p.add_argument("--variant", default="S/32", help="Mixer variant, e.g. S/32, B/16.")
+  p.add_argument("--variant", default="S/32",
+                 help="Model variant, e.g. S/32, B/16 (Mixer), resmlp_12, gmlp_s16.")
   p.add_argument("--batch_size", type=positive, default=32)
   p.add_argument("--image_size", type=positive, default=224)
   p.add_argument("--dtype", default="float32", choices=DTYPES, help="Compute dtype.")
@@ -113,7 +114,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     raise BenchmarkError(f"--stoch_depth={args.stoch_depth} must be in [0, 1).")
   # The model is checked now (variant name, patch divisibility), before anything compiles.
   from mixer_jax import models
-  patch = models.parse_variant(args.variant).patch_size
+  patch = models.variant_sizes(args.variant)["patch_size"]
   if args.image_size % patch:
     raise BenchmarkError(f"--image_size={args.image_size} is not divisible by the patch "
                          f"size {patch} of {args.variant}; use a multiple of {patch}.")

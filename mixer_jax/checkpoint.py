@@ -5,13 +5,15 @@ archive whose keys are the Flax parameter paths joined by `/`
 (`MixerBlock_0/token_mixing/Dense_0/kernel`, ...). `load_npz` / `save_npz` convert
 between that layout and the nested parameter dict, losslessly, so files written here
 stay readable by the public tools that read the released ones. A `.safetensors` file
-in timm's Mixer layout (what `export --format=timm` writes) is read back through
-`timm_layout.timm_to_params`, bit for bit.
+in timm's layout of a Mixer, ResMLP or gMLP (timm's published weights, or what
+`export --format=timm` writes) is read through `timm_layout.timm_to_params`, bit for
+bit. The other families' trees are written to `.npz` the same way (their own keys).
 
-`load_file` (and `load_params`, for files) checks a file against the Mixer that its
-stem and first block describe: every key, shape and dtype of `jax.eval_shape` of that
-model's init, so a missing, stray or misshapen parameter is one sentence naming the
-file and the key, before anything is compiled.
+`load_file` (and `load_params`, for files) checks a file against the model that its
+blocks' names (the family), stem and first block describe: every key, shape and dtype
+of `jax.eval_shape` of that model's init (for a timm file, in timm's names and
+shapes, before anything is converted), so a missing, stray or misshapen parameter is
+one sentence naming the file and the key, before anything is compiled.
 
 `load_pretrained` merges such parameters into a freshly initialised model, checking
 every key and shape up front (before anything is compiled), re-initialising the head
@@ -45,13 +47,14 @@ from mixer_jax import models
 from mixer_jax import resolution
 from mixer_jax import timm_layout
 
-SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
-# What a file is checked against when no config says what it should be.
-_OWN_SIZE = "the Mixer that its stem and first block describe"
 _PASS = ("pass a released .npz, a .safetensors file written by mixer_jax.export, or a "
          "training workdir")
-_TOKENS_0 = "MixerBlock_0/token_mixing/Dense_0/kernel"
-_CHANNELS_0 = "MixerBlock_0/channel_mixing/Dense_0/kernel"
+_TITLES = timm_layout.TITLES  # "mixer" -> "Mixer", ...
+
+
+def _own_size(family: str) -> str:
+  """What a file is checked against when no config says what it should be."""
+  return f"the {_TITLES[family]} that its stem and first block describe"
 
 
 def flatten(params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -130,8 +133,9 @@ def save_npz(params: Mapping[str, Any], path: str) -> None:
 
 
 def load_safetensors(path: str) -> Dict[str, Any]:
-  """Reads a timm-layout `.safetensors` (export --format=timm) into our nested params,
-  checked complete (`check_complete`, in timm's names and shapes)."""
+  """Reads a timm-layout `.safetensors` of a Mixer, ResMLP or gMLP (timm's weights, or
+  export --format=timm) into our nested params, checked complete (`check_complete`,
+  every key, shape and dtype in timm's names and shapes)."""
   from safetensors.numpy import load_file as read_safetensors
   try:
     state_dict = read_safetensors(path)
@@ -142,10 +146,11 @@ def load_safetensors(path: str) -> Dict[str, Any]:
   if not state_dict:
     raise errors.CheckpointError(f"{path} holds no arrays; it is not a Mixer checkpoint.")
   params = timm_layout.timm_to_params(state_dict, source=path)
-  expected = expected_shapes(describe(params, source=path), source=path)
-  names = timm_layout.key_map(expected)
+  family = family_of(params).name
+  expected = expected_shapes(describe(params, source=path), source=path, family=family)
+  names = timm_layout.key_map(expected, family)
   check_complete(state_dict, {names[k]: timm_layout.timm_shape(k, s)
-                              for k, s in expected.items()}, path)
+                              for k, s in expected.items()}, path, family)
   return params
 
 
@@ -167,52 +172,73 @@ def load_file(path: str) -> Dict[str, Any]:
 
 
 def check_params(params: Mapping[str, Any], source: str) -> None:
-  """`check_complete` of a parameter tree against the Mixer it describes."""
-  expected = expected_shapes(describe(params, source=source), source=source)
-  check_complete(flatten(params), expected, source)
+  """`check_complete` of a parameter tree against the model it describes."""
+  family = family_of(params).name
+  expected = expected_shapes(describe(params, source=source), source=source, family=family)
+  check_complete(flatten(params), expected, source, family)
+
+
+def family_of(params: Mapping[str, Any]) -> "models.Family":
+  """The registered family whose blocks (`MixerBlock_<i>`, `ResMlpBlock_<i>`,
+  `GMlpBlock_<i>`) the tree holds; the Mixer's when it holds none (the checks then
+  name what a Mixer lacks)."""
+  flat = flatten(params) if isinstance(params, Mapping) else params
+  for fam in models.families():
+    block = re.compile(rf"{re.escape(fam.block)}_\d+/")
+    if any(block.match(k) for k in flat):
+      return fam
+  return models.family_named("mixer")
 
 
 def describe(params: Mapping[str, Any], source: str = "The parameter tree") -> Dict[str, Any]:
-  """Infers the Mixer architecture fields stored in a parameter tree.
+  """Infers the architecture's size fields stored in a parameter tree (of its family,
+  `family_of`), plus num_tokens and num_classes.
 
   num_blocks counts up to the highest block index, so a missing middle block shows
   up as missing keys in `check_complete`.
   """
   flat = flatten(params)
-  for key in ("stem/kernel", _TOKENS_0, _CHANNELS_0):
+  fam = family_of(flat)
+  title = _TITLES[fam.name]
+  for key, _ in fam.shape_keys.values():
     if key not in flat:
       raise errors.CheckpointError(
-          f"{source} is not a Mixer checkpoint (it has no parameter {key}); {_PASS}.")
-  for key, rank in (("stem/kernel", 4), (_TOKENS_0, 2), (_CHANNELS_0, 2), ("head/kernel", 2)):
+          f"{source} is not a {title} checkpoint (it has no parameter {key}); {_PASS}.")
+  ranks = {key: 4 if key == "stem/kernel" else 2 for key, _ in fam.shape_keys.values()}
+  for key, rank in list(ranks.items()) + [("head/kernel", 2)]:
     if key in flat and np.ndim(flat[key]) != rank:
       raise errors.CheckpointError(
           f"{source} parameter {key} has shape {tuple(np.shape(flat[key]))}, not the "
-          f"{rank}-D shape of a Mixer's; {_PASS}.")
-  stem, tokens, channels = (np.shape(flat[k]) for k in ("stem/kernel", _TOKENS_0, _CHANNELS_0))
-  blocks = [int(m.group(1)) for m in map(re.compile(r"MixerBlock_(\d+)/").match, flat) if m]
-  return dict(
-      patch_size=int(stem[0]),
-      hidden_dim=int(stem[-1]),
-      num_blocks=max(blocks) + 1,
-      num_tokens=int(tokens[0]),
-      tokens_mlp_dim=int(tokens[1]),
-      channels_mlp_dim=int(channels[1]),
-      num_classes=int(np.shape(flat["head/kernel"])[-1]) if "head/kernel" in flat else 0,
-  )
+          f"{rank}-D shape of a {title}'s; {_PASS}.")
+  sizes = {name: int(np.shape(flat[key])[axis]) for name, (key, axis) in fam.shape_keys.items()}
+  block = re.compile(rf"{re.escape(fam.block)}_(\d+)/")
+  blocks = [int(m.group(1)) for m in map(block.match, flat) if m]
+  desc = dict(patch_size=sizes["patch_size"], hidden_dim=sizes["hidden_dim"],
+              num_blocks=max(blocks) + 1)
+  desc.update({k: v for k, v in sizes.items() if k not in desc})
+  desc["num_classes"] = int(np.shape(flat["head/kernel"])[-1]) if "head/kernel" in flat else 0
+  return desc
 
 
-def expected_shapes(desc: Mapping[str, int], source: str = "The checkpoint"
-                    ) -> Dict[str, Tuple[int, ...]]:
-  """Flat parameter shapes of the Mixer that `describe` found: `jax.eval_shape` of its
-  init (nothing allocated or compiled, no device started). The model is
-  `state.inference_model`'s for a file (variant S/<patch>, every size given); the
-  input is one row of num_tokens patches, so any token count works."""
+def size_fields(desc: Mapping[str, int]) -> Dict[str, int]:
+  """The `create_model` size fields of a `describe` result (num_tokens and num_classes
+  left out)."""
+  return {k: int(v) for k, v in desc.items() if k not in ("num_tokens", "num_classes")}
+
+
+def expected_shapes(desc: Mapping[str, int], source: str = "The checkpoint",
+                    family: str = "mixer") -> Dict[str, Tuple[int, ...]]:
+  """Flat parameter shapes of the model of `family` that `describe` found:
+  `jax.eval_shape` of its init (nothing allocated or compiled, no device started).
+  The model is `state.inference_model`'s for a file (the family's variant, every size
+  given); the input is one row of num_tokens patches, so any token count works."""
+  fields = size_fields(desc)
   try:
-    model = models.create_model(f"S/{desc['patch_size']}", desc["num_classes"],
-                                **{k: desc[k] for k in SIZE_FIELDS},
-                                kernels="xla")  # Plain ops: no backend is started.
+    model = models.create_model(models.variant_for(family, fields), desc["num_classes"],
+                                **fields, kernels="xla")  # Plain ops: no backend is started.
   except ValueError as e:
-    raise errors.CheckpointError(f"{source} describes no valid Mixer ({e}); {_PASS}.") from None
+    raise errors.CheckpointError(
+        f"{source} describes no valid {_TITLES[family]} ({e}); {_PASS}.") from None
   p = desc["patch_size"]
   images = jax.ShapeDtypeStruct((1, p, p * desc["num_tokens"], 3), jnp.float32)
   tree = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -220,22 +246,23 @@ def expected_shapes(desc: Mapping[str, int], source: str = "The checkpoint"
 
 
 def check_complete(found: Mapping[str, Any], expected: Mapping[str, Tuple[int, ...]],
-                   path: str) -> None:
+                   path: str, family: str = "mixer") -> None:
   """Every expected key present with its shape and a floating dtype, nothing else;
   otherwise one sentence naming `path` and the first offending key (sorted order)."""
+  own = _own_size(family)
   for key in sorted(set(found) | set(expected)):
     if key not in found:
       raise errors.CheckpointError(
-          f"{path} is missing parameter {key} (shape {expected[key]} in {_OWN_SIZE}); "
+          f"{path} is missing parameter {key} (shape {expected[key]} in {own}); "
           "the file is incomplete, so export or download it again.")
     shape = tuple(np.shape(found[key]))
     if key not in expected:
       raise errors.CheckpointError(
-          f"{path} has parameter {key} (shape {shape}) that is not in {_OWN_SIZE}; remove "
+          f"{path} has parameter {key} (shape {shape}) that is not in {own}; remove "
           "it, or export or download the file again.")
     if shape != tuple(expected[key]):
       raise errors.CheckpointError(
-          f"{path} parameter {key} has shape {shape} but {_OWN_SIZE} expects "
+          f"{path} parameter {key} has shape {shape} but {own} expects "
           f"{tuple(expected[key])}; the file is inconsistent, so export or download it again.")
     if not np.issubdtype(np.asarray(found[key]).dtype, np.floating):
       raise errors.CheckpointError(
@@ -244,14 +271,22 @@ def check_complete(found: Mapping[str, Any], expected: Mapping[str, Tuple[int, .
 
 
 def _check_same_variant(init_flat, pre_flat, source: str) -> None:
-  """A checkpoint of other Mixer sizes than the model: one sentence naming both and the
-  first key that differs. Run before the token-count expansion, so tokens_mlp_dim only
-  counts at the same token count (it grows K^2-fold for higher resolutions)."""
+  """A checkpoint of another family or other sizes than the model: one sentence naming
+  both and the first key that differs. Run before the token-count expansion, so
+  tokens_mlp_dim only counts at the same token count (it grows K^2-fold for higher
+  resolutions)."""
   try:
     have, want = describe(unflatten(pre_flat)), describe(unflatten(init_flat))
   except errors.CheckpointError:
-    return  # Not both Mixers: the key-by-key check names the problem.
-  fields = [k for k in SIZE_FIELDS if have[k] != want[k] and
+    return  # Not both complete models: the key-by-key check names the problem.
+  have_family, want_family = family_of(pre_flat).name, family_of(init_flat).name
+  if have_family != want_family:
+    raise errors.CheckpointError(
+        f"{source} is a {_TITLES[have_family]} but the config asks for a "
+        f"{_TITLES[want_family]}; set config.model.variant to a {_TITLES[have_family]} "
+        "variant (or '' to take the checkpoint's), or pass a checkpoint of the config's "
+        "family.")
+  fields = [k for k in size_fields(want) if have[k] != want[k] and
             (k != "tokens_mlp_dim" or have["num_tokens"] == want["num_tokens"])]
   if not fields:
     return
@@ -266,7 +301,8 @@ def _check_same_variant(init_flat, pre_flat, source: str) -> None:
     detail = (f"{key} has shape {shape(pre_flat, key)} but the model expects "
               f"{shape(init_flat, key)}")
   raise errors.CheckpointError(
-      f"{source} is a Mixer with {', '.join(f'{k} {have[k]}' for k in fields)} but the "
+      f"{source} is a {_TITLES[have_family]} with "
+      f"{', '.join(f'{k} {have[k]}' for k in fields)} but the "
       f"config asks for {', '.join(f'{k} {want[k]}' for k in fields)} ({detail}); set "
       "config.model.variant and sizes to the file's, or pass a checkpoint of the config's "
       "variant.")
@@ -385,16 +421,20 @@ def load_params(path: str):
 
   Returns (params as nested numpy dict in the released, unrolled layout, also for a
   scanned model's workdir, info) with info keys `model` (create_model
-  size fields), `num_classes`, `class_names` (list or None), `image_size` (or None).
+  size fields), `num_classes`, `class_names` (list or None), `image_size` (or None),
+  and `variant` where known (a workdir's; for a file of a ResMLP or gMLP, the
+  family's variant of those sizes: `models.variant_for`).
   """
   if os.path.isfile(path):
     params = load_file(path)
     desc = describe(params)
     side = int(round(math.sqrt(desc["num_tokens"])))
-    info = dict(model={k: desc[k] for k in ("patch_size", "num_blocks", "hidden_dim",
-                                             "tokens_mlp_dim", "channels_mlp_dim")},
+    info = dict(model=size_fields(desc),
                 num_classes=desc["num_classes"], class_names=None,
                 image_size=side * desc["patch_size"] if side * side == desc["num_tokens"] else None)
+    family = family_of(params).name
+    if family != "mixer":  # A Mixer file's variant stays unnamed, as released files are.
+      info["variant"] = models.variant_for(family, info["model"])
     return params, info
   if not os.path.isdir(path):
     raise errors.CheckpointError(f"Checkpoint {path} does not exist; pass a .npz or .safetensors "

@@ -1,4 +1,4 @@
-r"""Exports a Mixer checkpoint for PyTorch/timm (safetensors) or as a released `.npz`.
+r"""Exports a Mixer, ResMLP or gMLP checkpoint for PyTorch/timm (safetensors) or as `.npz`.
 
   python -m mixer_jax.export --checkpoint=PATH --format=timm --output=model.safetensors
   python -m mixer_jax.export --checkpoint=WORKDIR --format=npz --output=Mixer-B_16.npz
@@ -14,10 +14,16 @@ Flags:
                 file, then rename): a failed export leaves no partial file.
   --overwrite   replace an existing --output (default: refuse).
 
-`--format=timm` writes a `safetensors` file with timm's `MlpMixer` state-dict names,
-the layout of `timm_layout.py` (every torch `Linear` weight is the transposed Flax
-kernel, the stem OIHW). All tensors are contiguous float32; `timm_to_params` is the
-exact inverse, and `checkpoint.load_params` reads such a file back bit for bit.
+`--format=timm` writes a `safetensors` file with timm's `MlpMixer` state-dict names
+of the checkpoint's family, the layouts of `timm_layout.py` (every torch `Linear`
+weight is the transposed Flax kernel, the stem OIHW, ResMLP's Affine parameters
+(1, 1, C)). All tensors are contiguous float32; `timm_to_params` is the exact inverse,
+and `checkpoint.load_params` reads such a file back bit for bit.
+
+ResMLP and gMLP: `timm.create_model("resmlp_12_224", ...)` etc. (the variant name plus
+`_224`) for the named sizes, otherwise `timm.models.mlp_mixer.MlpMixer` with the
+family's `block_layer` (the printed constructor); both use timm's own exact GELU, as
+this codebase does for them, so no `act_layer` is needed.
 
 Matching timm models (the `_224` suffix is only timm's default image size; pass
 `img_size=` for other resolutions and `num_classes=` for other heads, e.g. 21843):
@@ -51,6 +57,7 @@ from absl import app, flags, logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
+from mixer_jax import models
 from mixer_jax import paths
 from mixer_jax.timm_layout import params_to_timm, timm_to_params  # noqa: F401  (API)
 
@@ -68,27 +75,43 @@ TIMM_MODELS = {
 }
 
 
-def timm_model_name(model_fields: Mapping[str, int]) -> Optional[str]:
+def timm_model_name(model_fields: Mapping[str, int], family: str = "mixer") -> Optional[str]:
   """timm architecture name for the size fields of `create_model`, or None."""
+  if family != "mixer":
+    name = models.variant_for(family, model_fields)
+    return f"{name}_224" if models.variant_sizes(name) == dict(model_fields) else None
   key = tuple(int(model_fields[f]) for f in ("patch_size", "hidden_dim", "num_blocks",
                                               "tokens_mlp_dim", "channels_mlp_dim"))
   return TIMM_MODELS.get(key)
 
 
-def timm_constructor(info: Mapping[str, Any]) -> str:
-  """Python expression that builds the matching timm model (tanh GELU)."""
+# timm's block and norm layers of each family, for models without a timm name.
+_TIMM_LAYERS = {"resmlp": "block_layer=timm.models.mlp_mixer.ResBlock, "
+                          "norm_layer=timm.models.mlp_mixer.Affine",
+                "gmlp": "block_layer=timm.models.mlp_mixer.SpatialGatingBlock, "
+                        "mlp_layer=timm.layers.GatedMlp"}
+
+
+def timm_constructor(info: Mapping[str, Any], family: str = "mixer") -> str:
+  """Python expression that builds the matching timm model (the Mixer with tanh GELU,
+  ResMLP and gMLP with timm's own exact GELU)."""
   m = info["model"]
-  act = "act_layer=functools.partial(torch.nn.GELU, approximate='tanh')"
+  act = ", act_layer=functools.partial(torch.nn.GELU, approximate='tanh')"
+  act = act if family == "mixer" else ""
   extra = f"num_classes={int(info.get('num_classes') or 0)}"
   if info.get("image_size"):
     extra += f", img_size={int(info['image_size'])}"
-  name = timm_model_name(m)
+  name = timm_model_name(m, family)
   if name:
-    return f"timm.create_model({name!r}, pretrained=False, {extra}, {act})"
-  ratio = (m["tokens_mlp_dim"] / m["hidden_dim"], m["channels_mlp_dim"] / m["hidden_dim"])
+    return f"timm.create_model({name!r}, pretrained=False, {extra}{act})"
+  if family == "mixer":
+    ratio = (m["tokens_mlp_dim"] / m["hidden_dim"], m["channels_mlp_dim"] / m["hidden_dim"])
+  else:
+    ratio = m["channels_mlp_dim"] / m["hidden_dim"]
+  layers = f", {_TIMM_LAYERS[family]}" if family in _TIMM_LAYERS else ""
   return (f"timm.models.mlp_mixer.MlpMixer({extra}, patch_size={m['patch_size']}, "
           f"num_blocks={m['num_blocks']}, embed_dim={m['hidden_dim']}, "
-          f"mlp_ratio={ratio!r}, {act})")
+          f"mlp_ratio={ratio!r}{layers}{act})")
 
 
 def _check_output(path: str, fmt: str, overwrite: bool) -> None:
@@ -142,14 +165,18 @@ def export(checkpoint_path: str, fmt: str, output: str, overwrite: bool = False
     return info
   from safetensors.numpy import save_file  # Only needed for this format.
   tensors = params_to_timm(params)
-  name = timm_model_name(info["model"])
+  family = checkpoint.family_of(params).name
+  info = dict(info, family=family)
+  name = timm_model_name(info["model"], family)
   if name is None:
     logging.warning("No timm model name matches %s (e.g. H/14); exporting anyway; build it "
-                    "with %s.", info["model"], timm_constructor(info))
+                    "with %s.", info["model"], timm_constructor(info, family))
   metadata = {"format": "pt", "timm_model": name or "",
               "num_classes": str(int(info.get("num_classes") or 0)),
               "image_size": str(info.get("image_size") or ""),
-              "gelu": "tanh", "layer_norm_eps": "1e-6"}
+              "gelu": "tanh" if family == "mixer" else "erf"}
+  if family != "resmlp":
+    metadata["layer_norm_eps"] = "1e-6"
   tmp = f"{output}.tmp-{os.getpid()}"
   try:
     save_file(tensors, tmp, metadata=metadata)
@@ -193,7 +220,7 @@ def main(argv):
     sys.exit(2)
   print(f"Wrote {FLAGS.output} ({FLAGS.format}).")
   if FLAGS.format == "timm":
-    print(f"Load it with: model = {timm_constructor(info)}; "
+    print(f"Load it with: model = {timm_constructor(info, info.get('family', 'mixer'))}; "
           "model.load_state_dict(safetensors.torch.load_file(path), strict=True)")
 
 

@@ -5,6 +5,10 @@ decoupled weight decay on kernels only (multiplied by the learning rate, AdamW
 style: "0.1" in Table 4 is this coefficient) -> linear warmup then linear decay.
 Fine-tuning (Appendix B): clip 1 -> momentum SGD 0.9 -> cosine with linear warmup,
 no weight decay.
+ResMLP (arXiv 2105.03404) trains with LAMB (You et al. 2019, arXiv 1904.00962):
+clip (if any) -> optax.lamb, i.e. Adam's direction plus decoupled weight decay on
+kernels, each parameter's update rescaled by the trust ratio ||w|| / ||update||, then
+the learning rate.
 """
 
 import jax
@@ -12,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "lamb")
 
 
 def learning_rate_schedule(base_lr: float, total_steps: int, warmup_steps: int,
@@ -49,6 +53,10 @@ def make_optimizer(*, name: str, schedule: optax.Schedule, b1: float = 0.9,
   chain = []
   if grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(grad_clip_norm))
+  if name == "lamb":  # Its own weight decay (kernels only) and learning rate.
+    chain.append(optax.lamb(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                            mask=kernel_mask))
+    return optax.chain(*chain)
   if name == "adam":
     chain.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
   else:

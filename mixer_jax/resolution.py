@@ -32,6 +32,14 @@ the zero off-diagonal blocks so information flows between windows.
 Consequently the model must be built with tokens_mlp_dim = K^2 * D_S (see
 `hires_model_overrides`), and only image sides that are integer multiples of the
 pre-training side are allowed (e.g. 224, 448, 672 px for a 224-px B/16 checkpoint).
+
+ResMLP and gMLP (the same argument, extended here): their token mixers are one S x S
+linear map with a bias (ResMLP's `token_mixing`, gMLP's `spatial_gating/spatial_proj`)
+and everything else acts per token, so the new (K^2 S) x (K^2 S) map is block-diagonal
+over the same windows (`expand_square_token_map`):
+    new_kernel[t, t'] = old_kernel[local(t), local(t')] if window(t) == window(t') else 0,
+    new_bias[t] = old_bias[local(t)],
+and the model starts as K^2 copies of the pre-trained one; no size field changes.
 """
 
 import math
@@ -44,6 +52,13 @@ from flax import traverse_util
 from mixer_jax import errors
 
 _TOKEN_KEY = "MixerBlock_0/token_mixing/Dense_0/kernel"
+# The S x S token maps of ResMLP and gMLP (Flax kernel keys, any block).
+_SQUARE_MAPS = ("/token_mixing/kernel", "/spatial_gating/spatial_proj/kernel")
+
+
+def _square_map_keys(flat: Mapping[str, Any]):
+  """The kernel keys of the S x S token maps in `flat`, sorted."""
+  return sorted(k for k in flat if k.endswith(_SQUARE_MAPS) and np.ndim(flat[k]) == 2)
 
 
 def _isqrt_exact(n: int) -> Optional[int]:
@@ -127,6 +142,43 @@ def expand_token_mixing(dense0_kernel, dense0_bias, dense1_kernel, dense1_bias, 
   return new_k0, np.tile(b0, k * k), new_k1, b1[local].copy()
 
 
+def expand_square_token_map(kernel, bias, k: int):
+  """Block-diagonal K^2-window expansion of an S x S token map (ResMLP, gMLP; see the
+  module doc): (S, S), (S,) -> (K^2 S, K^2 S), (K^2 S,)."""
+  w, b = np.asarray(kernel), np.asarray(bias)
+  s = w.shape[0]
+  side = _isqrt_exact(s)
+  if side is None or w.shape != (s, s):
+    raise errors.CheckpointError(
+        f"Token map of shape {w.shape} is not square over a square grid; cannot expand it.")
+  window, local = window_index_maps(side, k)
+  same = window[:, None] == window[None, :]
+  new_w = np.where(same, w[local[:, None], local[None, :]], np.zeros((), w.dtype))
+  return new_w.astype(w.dtype), b[local].copy()
+
+
+def _expand_square_maps(init_flat, pre_flat, source: str) -> Dict[str, Any]:
+  keys = _square_map_keys(init_flat)
+  if not keys or keys[0] not in pre_flat:
+    return pre_flat
+  new_tokens, old_tokens = (int(np.shape(f[keys[0]])[0]) for f in (init_flat, pre_flat))
+  if new_tokens == old_tokens:
+    return pre_flat
+  stem = pre_flat.get("stem/kernel")
+  patch = int(np.shape(stem)[0]) if stem is not None else None
+  k = resolution_factor(old_tokens, new_tokens, source=source, patch_size=patch)
+  out = dict(pre_flat)
+  for key in _square_map_keys(pre_flat):
+    bias = key[:-len("kernel")] + "bias"
+    if bias not in pre_flat:
+      raise errors.CheckpointError(f"{source} is missing parameter {bias}; it is not a "
+                                   "complete checkpoint.")
+    out[key], out[bias] = expand_square_token_map(pre_flat[key], pre_flat[bias], k)
+  logging.info("%s: %d -> %d tokens (K=%d); block-diagonal token-map init.", source,
+               old_tokens, new_tokens, k)
+  return out
+
+
 def expand_if_needed(init_flat: Mapping[str, Any], pre_flat: Mapping[str, Any], *,
                      source: str) -> Dict[str, Any]:
   """Adapts pre-trained token-mixing weights to the model's token count.
@@ -139,8 +191,8 @@ def expand_if_needed(init_flat: Mapping[str, Any], pre_flat: Mapping[str, Any], 
   Returns:
     `pre_flat` itself when the token counts match (or when either tree lacks
     token-mixing kernels, which `load_pretrained` reports), otherwise a copy whose
-    `MixerBlock_i/token_mixing/Dense_{0,1}/{kernel,bias}` are the block-diagonal
-    expansion for K = sqrt(S_model / S_checkpoint).
+    `MixerBlock_i/token_mixing/Dense_{0,1}/{kernel,bias}` (a ResMLP's or gMLP's S x S
+    token maps) are the block-diagonal expansion for K = sqrt(S_model / S_checkpoint).
 
   Raises:
     errors.CheckpointError: the model's token count is not K^2 times the
@@ -148,7 +200,7 @@ def expand_if_needed(init_flat: Mapping[str, Any], pre_flat: Mapping[str, Any], 
       times the checkpoint's.
   """
   if _TOKEN_KEY not in init_flat or _TOKEN_KEY not in pre_flat:
-    return pre_flat
+    return _expand_square_maps(init_flat, pre_flat, source)
   new_tokens, new_dim = (int(x) for x in np.shape(init_flat[_TOKEN_KEY]))
   old_tokens, old_dim = (int(x) for x in np.shape(pre_flat[_TOKEN_KEY]))
   if new_tokens == old_tokens:
@@ -189,7 +241,8 @@ def hires_model_overrides(pretrained_info: Mapping[str, Any], image_size: int) -
     image_size: the fine-tuning image side in pixels.
 
   Returns:
-    {"tokens_mlp_dim": K^2 * D_S}, K = image_size / pre-training side.
+    {"tokens_mlp_dim": K^2 * D_S}, K = image_size / pre-training side; {} for a ResMLP
+    or gMLP parameter tree (their token maps grow with the tokens, no size changes).
 
   Raises:
     errors.CheckpointError: image_size is not an integer multiple of the
@@ -197,27 +250,37 @@ def hires_model_overrides(pretrained_info: Mapping[str, Any], image_size: int) -
   """
   info = dict(pretrained_info)
   if "num_tokens" in info:
-    patch, tokens, d_s = info["patch_size"], info["num_tokens"], info["tokens_mlp_dim"]
+    patch, tokens, d_s = info["patch_size"], info["num_tokens"], info.get("tokens_mlp_dim")
   elif "model" in info:
     model = info["model"]
-    patch, d_s = model["patch_size"], model["tokens_mlp_dim"]
+    patch, d_s = model["patch_size"], model.get("tokens_mlp_dim")
     if not info.get("image_size"):
       raise errors.CheckpointError(
           "The checkpoint info has no image_size; pass its parameter tree instead.")
     tokens = (int(info["image_size"]) // int(patch)) ** 2
   else:
     flat = traverse_util.flatten_dict(info, sep="/")
+    square = _square_map_keys(flat)
+    if "stem/kernel" in flat and _TOKEN_KEY not in flat and square:
+      patch, tokens = int(flat["stem/kernel"].shape[0]), int(flat[square[0]].shape[0])
+      _check_image_size(image_size, patch, tokens)
+      return {}
     if "stem/kernel" not in flat or _TOKEN_KEY not in flat:
       raise errors.CheckpointError("Not a Mixer parameter tree (no stem/kernel or "
                                    f"{_TOKEN_KEY}).")
     patch = int(flat["stem/kernel"].shape[0])
     tokens, d_s = (int(n) for n in flat[_TOKEN_KEY].shape)
+  k = _check_image_size(image_size, patch, tokens)
+  return {} if d_s is None else {"tokens_mlp_dim": k * k * int(d_s)}
+
+
+def _check_image_size(image_size, patch: int, tokens: int) -> int:
+  """K for fine-tuning a checkpoint of `tokens` tokens of `patch` px at `image_size`."""
   image_size = int(image_size)
   if image_size <= 0 or image_size % patch:
     side = _isqrt_exact(tokens) or 1
     raise errors.CheckpointError(
         f"Image size {image_size} is not a positive multiple of the patch size {patch}; "
         f"use an integer multiple of the checkpoint's side ({_allowed_sizes(patch, side)}, ...).")
-  k = resolution_factor(tokens, (image_size // patch) ** 2, source="The checkpoint",
-                        patch_size=patch)
-  return {"tokens_mlp_dim": k * k * int(d_s)}
+  return resolution_factor(tokens, (image_size // patch) ** 2, source="The checkpoint",
+                           patch_size=patch)

@@ -124,6 +124,15 @@ def changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str
           if recorded.get(k) != current.get(k)}
 
 
+def _defaults() -> Dict[str, Any]:
+  """Every key's default (configs/common.py), or {} where configs/ is not importable."""
+  try:
+    from configs import common
+  except ImportError:
+    return {}
+  return flat_config(common.base_config())
+
+
 def parse_accept(value: str) -> List[str]:
   return [k.strip().removeprefix("config.") for k in (value or "").split(",") if k.strip()]
 
@@ -135,7 +144,16 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str],
   Returns the changes (allowed or accepted), for the log and the record; raises
   `errors.WorkdirError` naming every refused key with its old and new value.
   """
-  found = changes(record["config"], flat_config(config))
+  current = flat_config(config)
+  found = changes(record["config"], current)
+  # Keys the codebase gained or lost since the record was written: a gained key at its
+  # default keeps the recorded run's behaviour, and a lost key is read by nothing.
+  defaults = _defaults()
+  for key in list(found):
+    old, new = found[key]
+    gained = key not in record["config"] and key in defaults and new == defaults[key]
+    if gained or key not in current:
+      del found[key]
   unknown = [k for k in accept if k != "all" and k not in found]
   if unknown:
     raise errors.ConfigError(

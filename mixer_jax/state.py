@@ -24,6 +24,7 @@ from mixer_jax import optim
 from mixer_jax import sharding
 from mixer_jax import steps
 
+# config.model's size fields: the Mixer's five; ResMLP and gMLP have all but tokens_mlp_dim.
 SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
 LOSSES = ("softmax", "sigmoid")
 NONFINITE = ("stop", "skip")
@@ -49,7 +50,8 @@ def validate_config(config) -> None:
                "keep_checkpoints", "mesh_model"):
     check(name, lambda v: v > 0, "a positive number")
   for name in ("num_train_steps", "learning_rate", "warmup_steps", "weight_decay",
-               "grad_clip_norm", "mixup_alpha", "randaugment_layers", "eval_batch_size",
+               "grad_clip_norm", "mixup_alpha", "cutmix_alpha", "randaugment_layers",
+               "eval_batch_size",
                "num_classes", "end_learning_rate", "fewshot_every_steps"):
     check(name, lambda v: v >= 0, "zero or positive")
   if config.num_train_steps == 0:
@@ -82,16 +84,35 @@ def eval_batch_size(config, mesh) -> int:
 
 
 def model_fields(config) -> Dict[str, int]:
-  """The model's size fields: the variant's, where config.model does not set them."""
+  """The model's size fields: the variant's, where config.model does not set them.
+
+  The variant names the family (a Mixer "B/16", a ResMLP "resmlp_12", a gMLP
+  "gmlp_s16"); a size field the family lacks (tokens_mlp_dim for ResMLP and gMLP)
+  must be 0.
+  """
   if not config.model.variant:
     raise errors.ConfigError(
         "config.model.variant is empty, which means init_from's architecture, but no "
         "config.init_from is set; set one, or a variant such as --config.model.variant=B/16.")
   try:
-    spec = models.parse_variant(config.model.variant)
+    sizes = models.variant_sizes(config.model.variant)
   except ValueError as e:
     raise errors.ConfigError(f"config.model.variant: {e}") from None
-  return {k: int(getattr(config.model, k) or getattr(spec, k)) for k in SIZE_FIELDS}
+  for key in SIZE_FIELDS:
+    if key not in sizes and getattr(config.model, key):
+      raise errors.ConfigError(
+          f"config.model.{key}={getattr(config.model, key)!r} is not a size of "
+          f"{config.model.variant} (a {models.family(config.model.variant).name} model: "
+          f"{', '.join(sizes)}); set --config.model.{key}=0.")
+  return {k: int(getattr(config.model, k) or v) for k, v in sizes.items()}
+
+
+def family_name(variant: str) -> str:
+  """"mixer", "resmlp" or "gmlp": the family a variant name belongs to."""
+  try:
+    return models.family(variant).name
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model.variant: {e}") from None
 
 
 def build_model(config, num_classes: int, fields: Optional[Dict[str, int]] = None, *,
@@ -119,14 +140,14 @@ def build_model(config, num_classes: int, fields: Optional[Dict[str, int]] = Non
 def checkpoint_variant(info: Dict[str, Any]) -> str:
   """The variant name for a checkpoint's model (`checkpoint.load_params`'s info).
 
-  Released files do not name theirs; every size field is given then, so the letter is
-  unused and only the family matters.
+  Released Mixer files do not name theirs; every size field is given then, so the
+  letter is unused and only the family matters.
   """
   return info.get("variant") or f"S/{int(info['model']['patch_size'])}"
 
 
 def checkpoint_fields(info: Dict[str, Any]) -> Dict[str, int]:
-  return {k: int(info["model"][k]) for k in SIZE_FIELDS}
+  return {k: int(v) for k, v in info["model"].items()}
 
 
 def inference_model(info: Dict[str, Any], num_classes: int, dtype: str = "float32"):
@@ -149,17 +170,25 @@ class Setup:
                mesh=None):
     self.config, self.num_classes, self.variant = config, num_classes, variant
     self.fields = model_fields(config) if fields is None else dict(fields)
-    self.model = build_model(config, num_classes, self.fields, variant=variant)
-    self.eval_model = build_model(config, num_classes, self.fields, train=False,
-                                  variant=variant)
-    self.schedule, self.tx = optim.from_config(config, total_steps)
     self.mesh = sharding.make_mesh(config.mesh_model) if mesh is None else mesh
+    self._plain_model = build_model(config, num_classes, self.fields, variant=variant)
+    self.model = self._constrained(self._plain_model)
+    self.eval_model = self._constrained(build_model(config, num_classes, self.fields,
+                                                    train=False, variant=variant))
+    self.schedule, self.tx = optim.from_config(config, total_steps)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     shapes = jax.eval_shape(self._init, jax.random.key(config.seed))  # Shape errors here.
     self.state_sharding = self.shardings(shapes)
     self.abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
         self.state_sharding)
+
+  def _constrained(self, model):
+    """`model` with its tokens' batch axis pinned to the mesh's data axis in the steps
+    (sharding.batch_constraint; families without the `constrain` hook run as they are)."""
+    if not hasattr(model, "constrain"):
+      return model
+    return model.clone(constrain=sharding.batch_constraint(self.mesh))
 
   def shardings(self, tree):
     """The run's shardings (config.sharding's rules on this mesh) of a shape-only train
@@ -173,7 +202,8 @@ class Setup:
     size = self.config.image_size
     # Initialised unrolled, then stacked if the model scans: the same seed gives the same
     # weights in either layout (nn.scan would split the rng per block differently).
-    unrolled = self.model.clone(scan=False) if hasattr(self.model, "scan") else self.model
+    model = self._plain_model  # Initialised at batch 1: no batch constraint.
+    unrolled = model.clone(scan=False) if hasattr(model, "scan") else model
     params = unrolled.init(rng, jnp.zeros((1, size, size, 3)), train=False)["params"]
     params = models.to_layout(params, models.model_layout(self.model))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -181,7 +211,8 @@ class Setup:
 
   def feature_model(self):
     """The evaluation model without its head: pooled pre-logits (few-shot probes)."""
-    return build_model(self.config, 0, self.fields, train=False, variant=self.variant)
+    return self._constrained(build_model(self.config, 0, self.fields, train=False,
+                                         variant=self.variant))
 
   def place_params(self, params):
     """Host numpy parameters (the same on every process), in either block layout (the

@@ -1,7 +1,7 @@
 """The pure train and eval step functions (state.py jits them with their shardings).
 
 The `config` argument needs only attribute access to: seed, label_smoothing,
-mixup_alpha, loss, grad_accum_steps, nonfinite.
+mixup_alpha, loss, grad_accum_steps, nonfinite (and cutmix_alpha, 0 where absent).
 
 The train step is a pure function of (state, batch): every random number derives
 from (config.seed, step), so a resumed run is the same run.
@@ -34,6 +34,38 @@ def mixup(rng, images, labels, alpha: float):
   return mix(images), mix(labels)
 
 
+def cutmix(rng, images, labels, alpha: float):
+  """CutMix (Yun et al. 2019, arXiv 1905.04899): each example gets a box pasted from its
+  neighbour in the batch; one box per batch, its area 1 - lam for lam ~ Beta(a, a),
+  centred uniformly and clipped at the borders (timm's rand_bbox), and the labels
+  mixed by the area actually kept. On device, like `mixup`."""
+  lam_rng, row_rng, col_rng = jax.random.split(rng, 3)
+  h, w = images.shape[1:3]
+  cut = jnp.sqrt(1.0 - jax.random.beta(lam_rng, alpha, alpha))
+  cut_h, cut_w = (jnp.floor(h * cut).astype(jnp.int32), jnp.floor(w * cut).astype(jnp.int32))
+  cy, cx = jax.random.randint(row_rng, (), 0, h), jax.random.randint(col_rng, (), 0, w)
+  rows, cols = jnp.arange(h), jnp.arange(w)
+  in_rows = (rows >= jnp.clip(cy - cut_h // 2, 0, h)) & (rows < jnp.clip(cy + cut_h // 2, 0, h))
+  in_cols = (cols >= jnp.clip(cx - cut_w // 2, 0, w)) & (cols < jnp.clip(cx + cut_w // 2, 0, w))
+  box = in_rows[:, None] & in_cols[None, :]
+  lam = 1.0 - jnp.mean(box.astype(jnp.float32))
+  images = jnp.where(box[None, :, :, None], jnp.roll(images, 1, axis=0), images)
+  return images, lam * labels + (1.0 - lam) * jnp.roll(labels, 1, axis=0)
+
+
+def mix_batch(rng, images, labels, mixup_alpha: float, cutmix_alpha: float):
+  """Mixup, CutMix, or with both on (the DeiT recipe) one of the two per batch with
+  probability 1/2 each (timm's Mixup, switch_prob 0.5)."""
+  if not cutmix_alpha:
+    return mixup(rng, images, labels, mixup_alpha)
+  if not mixup_alpha:
+    return cutmix(rng, images, labels, cutmix_alpha)
+  pick, mix_rng = jax.random.split(rng)
+  use_cutmix = jax.random.bernoulli(pick, 0.5)
+  return jax.lax.cond(use_cutmix, lambda: cutmix(mix_rng, images, labels, cutmix_alpha),
+                      lambda: mixup(mix_rng, images, labels, mixup_alpha))
+
+
 # ------------------------------------------------------------------------ steps
 def make_train_step(model, tx, config, num_classes: int):
   """(state, batch) -> (state, metrics). Pure; jit it with shardings."""
@@ -47,8 +79,9 @@ def make_train_step(model, tx, config, num_classes: int):
     labels = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
     if config.label_smoothing:
       labels = optax.smooth_labels(labels, config.label_smoothing)
-    if config.mixup_alpha > 0:
-      images, labels = mixup(mix_rng, images, labels, config.mixup_alpha)
+    cutmix_alpha = getattr(config, "cutmix_alpha", 0.0)
+    if config.mixup_alpha > 0 or cutmix_alpha > 0:
+      images, labels = mix_batch(mix_rng, images, labels, config.mixup_alpha, cutmix_alpha)
 
     def grad_fn(params, micro, micro_rng):
       def compute_loss(p):

@@ -1,7 +1,9 @@
-r"""Parameter table, total count and FLOPs per image of a Mixer variant.
+r"""Parameter table, total count and FLOPs per image of a model variant.
 
   python -m mixer_jax.summary --variant=B/16
   python -m mixer_jax.summary --variant=S/32 --image_size=224 --num_classes=1000
+  python -m mixer_jax.summary --variant=resmlp_12 --notable
+  python -m mixer_jax.summary --variant=gmlp_s16 --notable
 
 Nothing is allocated: shapes come from `jax.eval_shape`, FLOPs from XLA's cost
 analysis of the compiled forward pass for one image.
@@ -19,7 +21,9 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_string("variant", "B/16", "Paper variant, e.g. S/32, B/16, H/14 or B/8.")
+  flags.DEFINE_string("variant", "B/16", "Variant: a Mixer's (S/32, B/16, H/14, B/8, ...), "
+                      "resmlp_12, resmlp_24, resmlp_36, resmlp_big_24, gmlp_ti16, gmlp_s16 "
+                      "or gmlp_b16.")
   flags.DEFINE_integer("image_size", 224, "Square input side in pixels.")
   flags.DEFINE_integer("num_classes", 1000, "Head width (0: no head).")
   flags.DEFINE_bool("table", True, "Print the per-parameter table.")
@@ -56,7 +60,8 @@ def main(argv):
     for key, shape, n in rows:
       print(f"{key:<{width}}  {str(shape):<16} {n:>12,}")
   flops = forward_flops(model, FLAGS.image_size)
-  print(f"Mixer-{FLAGS.variant} at {FLAGS.image_size}px, {FLAGS.num_classes} classes: "
+  name = FLAGS.variant if "/" not in FLAGS.variant else f"Mixer-{FLAGS.variant}"
+  print(f"{name} at {FLAGS.image_size}px, {FLAGS.num_classes} classes: "
         f"{total:,} parameters, {flops / 1e9:.2f} GFLOPs per image (forward).")
   print(json.dumps({"variant": FLAGS.variant, "image_size": FLAGS.image_size,
                     "num_classes": FLAGS.num_classes, "params": total,

@@ -149,6 +149,14 @@ def take_architecture(config, info, source: str) -> None:
           f"config.image_size=0 takes init_from's image size, but {source} does not record "
           "one; set --config.image_size.")
     config.image_size = int(info["image_size"])
+  have = state_lib.family_name(state_lib.checkpoint_variant(info))
+  want = state_lib.family_name(config.model.variant) if config.model.variant else have
+  if have != want:
+    raise errors.CheckpointError(
+        f"config.model.variant={config.model.variant} is a {want} model but init_from "
+        f"{source} is a {have} ({state_lib.checkpoint_variant(info)}); set "
+        "--config.model.variant='' to take its architecture, or init from a checkpoint "
+        "of this family.")
   asked = state_lib.model_fields(config)
   hires = config.image_size != info.get("image_size")
   for key, value in recorded.items():
@@ -241,7 +249,7 @@ def _train(config, workdir, mesh, eval_batch, pretrained, pretrained_info, accep
     # Higher-resolution fine-tuning: K^2 token-mixing copies (resolution.py).
     # A tokens_mlp_dim naming the checkpoint's own D_S (custom models spell out every
     # size) still means "the pre-trained model": only K^2 * D_S can load it.
-    if (config.model.tokens_mlp_dim in (0, pretrained_info["model"]["tokens_mlp_dim"])
+    if (config.model.tokens_mlp_dim in (0, pretrained_info["model"].get("tokens_mlp_dim"))
         and pretrained_info.get("image_size")
         and pretrained_info["image_size"] != config.image_size):
       fields.update(resolution.hires_model_overrides(pretrained, config.image_size))

@@ -132,3 +132,31 @@ def test_finetune_command_line_argument_with_colon(tmp_path, monkeypatch):
   c = flag_values.config
   assert c.dataset == f"folder:{tmp_path}" and c.init_from == "Mixer-B_16.npz"
   assert c.learning_rate == 0.01 and c.eval_split == "train[90%:]"
+
+
+# ------------------------------------------------------ ResMLP and gMLP recipes
+def test_resmlp_and_gmlp_recipes_and_digits_demos():
+  from configs import default, gmlp_imagenet1k, resmlp_imagenet1k
+  res, gm = resmlp_imagenet1k.get_config(), gmlp_imagenet1k.get_config("gmlp_b16")
+  # ResMLP: LAMB; gMLP: DeiT's recipe (AdamW 5e-4 x 1024 / 512, wd 0.05, mixup + CutMix).
+  assert (res.optimizer, res.learning_rate, res.weight_decay, res.num_epochs) == (
+      "lamb", 5e-3, 0.2, 400.0)
+  assert (gm.optimizer, gm.learning_rate, gm.weight_decay, gm.num_epochs) == (
+      "adam", 1e-3, 0.05, 300.0)
+  for c in (res, gm):
+    assert (c.mixup_alpha, c.cutmix_alpha, c.label_smoothing, c.batch_size) == (
+        0.8, 1.0, 0.1, 1024)
+    assert c.warmup_steps == 6_255 and c.lr_decay == "cosine"  # 5 epochs.
+    state_lib.validate_config(c)
+    assert set(c.keys()) == set(common.base_config().keys())
+  assert state_lib.model_fields(gm)["hidden_dim"] == 512
+  model = state_lib.build_model(res, 1000)
+  assert models.count_params(models.param_shapes(model, 224)) == 15_350_872
+  with pytest.raises(ValueError, match="^Unknown variant 'B/16' for configs/gmlp"):
+    gmlp_imagenet1k.get_config("B/16")
+  # The digits demos of the two families (README): patch 2, 4 blocks of width 64.
+  for family, variant in (("resmlp", "resmlp_12"), ("gmlp", "gmlp_s16")):
+    c = default.get_config(family)
+    assert c.model.variant == variant and state_lib.model_fields(c) == dict(
+        patch_size=2, num_blocks=4, hidden_dim=64, channels_mlp_dim=256)
+  assert default.get_config().model.variant == "S/2"

@@ -79,7 +79,7 @@ CONFIG_CASES = [
     ("labels_out_of_range", dict(num_classes=3),
      "config.num_classes=3 is smaller than the 10 classes"),
     ("unknown_loss", dict(loss="l2"), "config.loss='l2' is not one of softmax, sigmoid"),
-    ("unknown_optimizer", dict(optimizer="lamb"), "config.optimizer='lamb' is not one of"),
+    ("unknown_optimizer", dict(optimizer="lars"), "config.optimizer='lars' is not one of"),
     ("unknown_schedule", dict(lr_decay="step"), "config.lr_decay='step' is not one of"),
     ("unknown_sharding", dict(sharding="zero3"), "config.sharding='zero3' is not one of"),
     ("randaugment_magnitude", dict(randaugment_magnitude=45),

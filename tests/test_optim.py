@@ -37,8 +37,8 @@ def test_no_warmup_starts_at_the_base_rate_and_warmup_is_capped_at_the_run():
 def test_unknown_schedule_and_optimizer_are_named():
   with pytest.raises(ValueError, match="Unknown lr_decay 'step'; use one of linear, cosine"):
     optim.learning_rate_schedule(1.0, 10, 0, "step")
-  with pytest.raises(ValueError, match="Unknown optimizer 'lamb'; use one of adam, sgd"):
-    optim.make_optimizer(name="lamb", schedule=optax.constant_schedule(1.0))
+  with pytest.raises(ValueError, match="Unknown optimizer 'lars'; use one of adam, sgd, lamb"):
+    optim.make_optimizer(name="lars", schedule=optax.constant_schedule(1.0))
 
 
 # ------------------------------------------------------------------- the chains
@@ -59,6 +59,16 @@ def test_weight_decay_reaches_kernels_only_and_scales_with_the_rate():
   updates = _first_update(zeros, name="sgd", weight_decay=0.5, grad_clip_norm=0.0)
   # Decoupled (AdamW style): -lr * wd * kernel, nothing for biases or LayerNorm.
   np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.1 * 0.5 * 2.0)
+  np.testing.assert_array_equal(updates["Dense_0"]["bias"], 0.0)
+  np.testing.assert_array_equal(updates["LayerNorm_0"]["scale"], 0.0)
+
+
+def test_lamb_scales_each_update_by_its_trust_ratio():
+  """Zero gradients: the update is the decayed kernel wd * w, rescaled by ||w|| / ||wd w||
+  to the kernel's own norm, times -lr; biases and scales (not decayed) stay."""
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, PARAMS)
+  updates = _first_update(zeros, name="lamb", weight_decay=0.05, grad_clip_norm=1.0)
+  np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.1 * 2.0, rtol=1e-6)
   np.testing.assert_array_equal(updates["Dense_0"]["bias"], 0.0)
   np.testing.assert_array_equal(updates["LayerNorm_0"]["scale"], 0.0)
 

@@ -140,3 +140,25 @@ def test_paper_sizes_message():
   with pytest.raises(errors.CheckpointError, match="224, 448, 672 px"):
     resolution.resolution_factor(196, 361, source="Mixer-B_16.npz", patch_size=16)
   assert resolution.resolution_factor(196, 784, patch_size=16) == 2
+
+
+@pytest.mark.parametrize("variant", ["resmlp_12", "gmlp_s16"])
+def test_resmlp_and_gmlp_start_as_copies_of_the_crops(variant):
+  """Their S x S token maps expand block-diagonally (resolution.py); no size changes."""
+  fields = dict(patch_size=4, num_blocks=2, hidden_dim=8, channels_mlp_dim=12)
+  lo, hi = (models.create_model(variant, NUM_CLASSES, **fields) for _ in range(2))
+  rng = np.random.default_rng(1)
+  pre = jax.tree_util.tree_map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(np.float32),
+                               models.param_shapes(lo, 8))
+  assert resolution.hires_model_overrides(pre, 16) == {}
+  params = checkpoint.load_pretrained(_fresh_params(hi, 16), pre, source="tiny")
+  maps = [k for k in checkpoint.flatten(params) if k.endswith("proj/kernel")
+          or k.endswith("token_mixing/kernel")]
+  assert len(maps) == 2 and all(checkpoint.flatten(params)[k].shape == (16, 16) for k in maps)
+  images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  logits = _apply(hi, params, images)
+  np.testing.assert_allclose(logits, _mean_over_crops(lo, pre, images, 2), atol=1e-5,
+                             rtol=1e-5)
+  assert np.abs(logits).max() > 1e-2
+  with pytest.raises(errors.CheckpointError, match="integer multiples K of its side"):
+    checkpoint.load_pretrained(_fresh_params(hi, 12), pre, source="tiny")

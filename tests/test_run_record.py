@@ -67,6 +67,16 @@ def test_resume_allows_extending_observing_and_execution_changes(tmp_path):
                         "sharding", "mesh_model", "model.kernels"}
 
 
+def test_keys_gained_at_their_default_or_lost_since_the_record_are_not_changes(tmp_path):
+  c, record = _record(tmp_path)
+  del record["config"]["cutmix_alpha"]    # A key added after the record was written.
+  record["config"]["model.remat"] = True  # A key since removed.
+  assert run_record.check_resume(record, c, [], str(tmp_path)) == {}
+  c.cutmix_alpha = 0.5  # Not the default: the run would change.
+  with pytest.raises(errors.WorkdirError, match=r"cutmix_alpha: None -> 0.5"):
+    run_record.check_resume(record, c, [], str(tmp_path))
+
+
 def test_unreadable_record_is_one_sentence(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(errors.WorkdirError, match="not a readable run record"):

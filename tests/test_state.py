@@ -169,7 +169,7 @@ def test_state_with_params_keeps_them_at_step_zero(setup):
     ({"model.hidden_dim": -4},
      "config.model.hidden_dim=-4 must be a positive integer (or 0 for the variant's value)."),
     (dict(loss="hinge"), "config.loss='hinge' is not one of softmax, sigmoid."),
-    (dict(optimizer="lamb"), "config.optimizer='lamb' is not one of adam, sgd."),
+    (dict(optimizer="lars"), "config.optimizer='lars' is not one of adam, sgd, lamb."),
     ({"model.remat_policy": "dots"}, "config.model.remat_policy='dots' is not one of none, "
      "full, dots_saveable, dots_with_no_batch_dims_saveable."),
 ])
@@ -182,3 +182,26 @@ def test_validate_config_accepts_the_tiny_config_and_names_an_unknown_variant():
   state_lib.validate_config(_config())
   with pytest.raises(errors.ConfigError, match=r"^config\.model\.variant: .*'Z/9'"):
     state_lib.model_fields(_config(**{"model.variant": "Z/9"}))
+
+
+# -------------------------------------------------------- every family, one path
+def test_resmlp_and_gmlp_build_through_the_same_setup():
+  """config.model.variant names the family; a scanned gMLP stacks under GMlpBlock."""
+  for variant, scan, block in (("resmlp_12", False, "ResMlpBlock_0"),
+                               ("gmlp_s16", True, "GMlpBlock")):
+    config = _config(**{"model.variant": variant, "model.tokens_mlp_dim": 0,
+                        "model.scan": scan, "model.stoch_depth": 0.1})
+    assert state_lib.model_fields(config) == dict(patch_size=2, num_blocks=1, hidden_dim=16,
+                                                  channels_mlp_dim=32)
+    setup = state_lib.Setup(config, NUM_CLASSES, total_steps=4)  # Nothing compiled.
+    params = setup.abstract_state["params"]
+    assert block in params and setup.model.stoch_depth == 0.1
+    assert setup.eval_model.stoch_depth == 0.0 and setup.model.scan == scan
+    # Adam's moments follow the parameters' layout, sharded by the same rules.
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        setup.abstract_state["opt_state"][1].mu)
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "config.model.tokens_mlp_dim=16 is not a size of resmlp_12 (a resmlp model: "
+      "patch_size, num_blocks, hidden_dim, channels_mlp_dim); set "
+      "--config.model.tokens_mlp_dim=0.")):
+    state_lib.model_fields(_config(**{"model.variant": "resmlp_12"}))

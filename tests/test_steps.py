@@ -51,6 +51,32 @@ def test_mixup_weight_is_beta_alpha_alpha():
   assert np.mean((lams < 0.1) | (lams > 0.9)) > 0.35  # Beta(.5,.5): 0.41; uniform: 0.2.
 
 
+def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
+  images = jnp.broadcast_to(jnp.arange(6.0)[:, None, None, None], (6, 16, 16, 3))
+  labels = jax.nn.one_hot(jnp.array([0, 1, 2, 3, 4, 0]), NUM_CLASSES)
+  keys = jax.random.split(jax.random.key(0), 16)
+  # One program: CutMix alone, and mixed with mixup (the DeiT recipe's switch).
+  mixed_x, mixed_y, both = map(np.asarray, jax.jit(jax.vmap(lambda key: (
+      *steps.cutmix(key, images, labels, 1.0),
+      steps.mix_batch(key, images, labels, 0.8, 1.0)[0])))(keys))
+  partner_x, partner_y = np.roll(images, 1, 0), np.roll(labels, 1, 0)
+  areas = []
+  for x, y in zip(mixed_x, mixed_y):
+    box = x[1, :, :, 0] != 1.0  # Example 1 shows example 0 inside the box.
+    np.testing.assert_array_equal(x, np.where(box[None, :, :, None], partner_x, images))
+    if box.any():  # One rectangle.
+      rows, cols = np.nonzero(box.any(1))[0], np.nonzero(box.any(0))[0]
+      assert box.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (
+          cols[-1] - cols[0] + 1)
+    np.testing.assert_allclose(y, (1 - box.mean()) * labels + box.mean() * partner_y,
+                               atol=1e-6)
+    areas.append(box.mean())
+  assert 0.1 < np.mean(areas) < 0.6 and max(areas) > 0.3  # Beta(1, 1), clipped boxes.
+  # Both on: one of the two per batch, the choice a function of the rng.
+  is_cut = [bool(np.isin(x, np.arange(6.0)).all()) for x in both]
+  assert 3 <= sum(is_cut) <= 13
+
+
 # ------------------------------------------------------------- tiny model helpers
 def _config(**overrides):
   c = common.base_config()

@@ -31,7 +31,7 @@ import optax
 from PIL import Image, ImageDraw
 import pytest
 
-from conftest import REPO, config_flags, run_main, run_mains, tiny_config
+from conftest import REPO, config_flags, run_main, tiny_config
 from configs import finetune
 from mixer_jax import checkpoint
 from mixer_jax import errors
@@ -172,28 +172,6 @@ def test_batch_is_a_global_jax_array(data_dir):
   local = {"image": np.zeros((4, 8, 8, 3), np.float32), "label": np.arange(4)}
   batch = sharding.global_batch(local, mesh)
   assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (4, 8, 8, 3)
-
-
-def _first_losses(workdir):
-  return [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
-
-
-@pytest.mark.slow
-def test_one_device_and_eight_devices_give_the_same_loss(data_dir, tmp_path):
-  flags = config_flags(data_dir, log_every_steps=1, eval_batch_size=48)
-  one, eight = run_mains(
-      (flags + [f"--workdir={tmp_path / 'one'}"], None),
-      (flags + [f"--workdir={tmp_path / 'eight'}"],
-       {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
-  assert one.returncode == 0, one.stderr[-3000:]
-  assert eight.returncode == 0, eight.stderr[-3000:]
-  assert "8 global devices" in eight.stderr
-  np.testing.assert_allclose(_first_losses(tmp_path / "one"), _first_losses(tmp_path / "eight"),
-                             rtol=2e-5)
-  evals = [[r for r in read_metrics(tmp_path / w) if "eval/num_examples" in r][-1]
-           for w in ("one", "eight")]
-  assert evals[0]["eval/num_examples"] == evals[1]["eval/num_examples"] == 355
-  np.testing.assert_allclose(evals[0]["eval/loss"], evals[1]["eval/loss"], rtol=2e-5)
 
 
 def test_command_line_overrides_and_bad_keys(data_dir, tmp_path):
@@ -630,3 +608,21 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
   assert os.listdir(os.path.join(workdir, "unreadable_checkpoints"))  # Kept, not deleted.
   # The run fell back to step STEPS-1, redid the last step and ended where it would have.
   _assert_identical(_final_params(workdir), expected)
+
+
+def test_init_from_names_the_family_of_another_familys_checkpoint():
+  """A ResMLP checkpoint under a Mixer config (or the reverse) is one sentence; an empty
+  variant takes the checkpoint's family and sizes (the ResMLP has no tokens_mlp_dim)."""
+  from mixer_jax import state as state_lib
+  info = {"model": dict(patch_size=2, num_blocks=2, hidden_dim=16, channels_mlp_dim=32),
+          "num_classes": 10, "image_size": 8, "variant": "resmlp_12"}
+  with pytest.raises(errors.CheckpointError, match=(
+      r"^config.model.variant=S/2 is a mixer model but init_from r.npz is a resmlp "
+      r"\(resmlp_12\); set --config.model.variant=''")):
+    train.take_architecture(tiny_config("/nonexistent"), info, "r.npz")
+  config = tiny_config("/nonexistent", **{
+      "model.variant": "", "model.tokens_mlp_dim": 0, "model.num_blocks": 0,
+      "model.hidden_dim": 0, "model.channels_mlp_dim": 0, "model.patch_size": 0})
+  train.take_architecture(config, info, "r.npz")
+  assert config.model.variant == "resmlp_12"
+  assert state_lib.model_fields(config) == info["model"]

@@ -16,9 +16,11 @@ checked; a tree that is not a stack of identical blocks raises ValueError naming
 key.
 """
 
+import functools
 import re
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,37 @@ def stoch_depth_rates(stoch_depth: float, num_blocks: int) -> np.ndarray:
   (last), in float32: the same numbers whether the blocks are unrolled or scanned."""
   return np.asarray([stoch_depth * i / max(num_blocks - 1, 1) for i in range(num_blocks)],
                     np.float32)
+
+
+def run_blocks(block_class, x, *, prefix: str, num_blocks: int, train: bool,
+               stoch_depth: float = 0.0, scan: bool = False, remat: str = "none",
+               constrain=lambda x: x, **fields):
+  """`x` through `num_blocks` blocks `block_class(**fields)`, each called as
+  `block(x, train, drop_rate)`, inside the caller's compact method.
+
+  Unrolled, the blocks are `{prefix}_0` ... `{prefix}_{N-1}`; with `scan` one block
+  `{prefix}` runs N times under nn.scan over its stacked parameters. In training,
+  block i of N drops its residual branches at stoch_depth * i / (N - 1) (drop_rate
+  None: no stochastic depth). `remat` (a policy name other than "none") recomputes
+  each block's activations in the backward pass. `constrain` is applied to the
+  tokens entering each block (the models' `constrain` hook: state.py pins their batch
+  axis to the data axis). The Mixer (mixer.py) writes this loop out in its own file.
+  """
+  block = block_class
+  if remat != "none":  # Under scan the loop itself keeps XLA from CSE.
+    block = nn.remat(block, policy=remat_policy(remat),
+                     prevent_cse=not scan, static_argnums=(2,))
+  block = functools.partial(block, **fields)
+  rates = stoch_depth_rates(stoch_depth, num_blocks) if train and stoch_depth > 0.0 else None
+  if scan:
+    body = lambda block, x, rate: (block(constrain(x), train, rate), None)
+    x, _ = nn.scan(body, variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   length=num_blocks)(block(name=prefix), x, rates)
+    return x
+  for i in range(num_blocks):
+    x = block(name=f"{prefix}_{i}")(constrain(x), train, None if rates is None else rates[i])
+  return x
 
 
 # ------------------------------------------------------------------ the layouts
@@ -217,6 +250,21 @@ def to_layout(tree, target: str, prefix: str = BLOCK):
   if target not in LAYOUTS:
     raise ValueError(f"Unknown layout {target!r}; use one of {', '.join(LAYOUTS)}.")
   return (to_scanned if target == SCANNED else to_unrolled)(tree, prefix)
+
+
+def find_prefix(tree, prefixes: Iterable[str]) -> Optional[str]:
+  """The first of `prefixes` whose blocks (either layout) `tree` holds, else None."""
+  prefixes = tuple(prefixes)
+  found = []
+
+  def visit(x):
+    if isinstance(x, Mapping):
+      found.extend(p for p in prefixes if _is_params(x, p))
+    return x
+
+  jax.tree_util.tree_map(visit, tree, is_leaf=lambda x: isinstance(x, Mapping) and any(
+      _is_params(x, p) for p in prefixes))
+  return next((p for p in prefixes if p in found), None)
 
 
 def model_layout(model) -> str:

@@ -136,10 +136,14 @@ class MlpMixer(nn.Module):
   activation: Callable = gelu
   layer_norm: Callable = nn.LayerNorm
   mlp_block: Callable = MlpBlock
+  # Applied to the tokens entering each block: identity here; the trainer pins their
+  # batch axis to the devices' data axis (sharding.batch_constraint), which keeps a
+  # scanned, fsdp-sharded model data-parallel inside the loop.
+  constrain: Callable = lambda x: x
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
-    _check_image_shape(images.shape, self.patch_size)
+    check_image_shape(images.shape, self.patch_size)
     p = self.patch_size
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 conv_general_dilated=self.conv_general_dilated, name="stem")(images)
@@ -156,13 +160,14 @@ class MlpMixer(nn.Module):
     rates = (blocks.stoch_depth_rates(self.stoch_depth, self.num_blocks)
              if train and self.stoch_depth > 0.0 else None)
     if self.scan:  # One block looped N times, over its stacked parameters and rates.
-      body = lambda block, x, rate: (block(x, train, rate), None)
+      body = lambda block, x, rate: (block(self.constrain(x), train, rate), None)
       x, _ = nn.scan(body, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
                      length=self.num_blocks)(block(name="MixerBlock"), x, rates)
     else:
       for i in range(self.num_blocks):
-        x = block(name=f"MixerBlock_{i}")(x, train, None if rates is None else rates[i])
+        x = block(name=f"MixerBlock_{i}")(self.constrain(x), train,
+                                          None if rates is None else rates[i])
     x = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
     if return_tokens:
       return x.astype(jnp.float32)
@@ -174,7 +179,7 @@ class MlpMixer(nn.Module):
     return x.astype(jnp.float32)
 
 
-def _check_image_shape(shape, patch_size):
+def check_image_shape(shape, patch_size):
   if len(shape) != 4 or shape[-1] != 3:
     raise ValueError(f"Images must be NHWC with 3 channels, got shape {tuple(shape)}.")
   for side in shape[1:3]:
