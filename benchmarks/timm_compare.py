@@ -1,7 +1,17 @@
-r"""Our Mixer against timm's matching model (PyTorch), side by side in one run.
+r"""Our model against timm's matching model (PyTorch), side by side in one run.
 
   python benchmarks/timm_compare.py --variant=S/32 --batch_size=32 --mode=train
   python benchmarks/timm_compare.py --variant=S/32 --batch_size=32 --mode=eval
+  python benchmarks/timm_compare.py --variant=resmlp_12 --batch_size=32 --mode=train
+  python benchmarks/timm_compare.py --variant=gmlp_s16 --batch_size=32 --mode=eval
+
+Variants: the Mixers (S/32 ... L/16 -> timm's mixer_*_224), ResMLP (resmlp_12, _24, _36,
+_big_24 -> resmlp_*_224) and gMLP (gmlp_ti16, _s16, _b16 -> gmlp_*_224), all at 224 px
+with 1000 classes; the two sides' parameter counts must be equal (the run stops before
+timing if not). GELU: timm's Mixers, ResMLPs and gMLPs all use the exact (erf) form; ours
+uses the released Mixers' tanh form for the Mixer and the exact form for ResMLP and
+gMLP (what their released weights were trained with), so for those two families both
+sides compute the same function. The JSON's `gelu` names each side's.
 
 Both sides do the same work on the same machine with the same thread count: train =
 forward, backward, clip by global norm 1, AdamW (weight decay 0.1), one step of a
@@ -35,7 +45,19 @@ from mixer_jax import host_memory
 
 # Our variant name -> timm's model name (224px, 1000 classes).
 TIMM_NAMES = {"S/32": "mixer_s32_224", "S/16": "mixer_s16_224", "B/32": "mixer_b32_224",
-              "B/16": "mixer_b16_224", "L/32": "mixer_l32_224", "L/16": "mixer_l16_224"}
+              "B/16": "mixer_b16_224", "L/32": "mixer_l32_224", "L/16": "mixer_l16_224",
+              "resmlp_12": "resmlp_12_224", "resmlp_24": "resmlp_24_224",
+              "resmlp_36": "resmlp_36_224", "resmlp_big_24": "resmlp_big_24_224",
+              "gmlp_ti16": "gmlp_ti16_224", "gmlp_s16": "gmlp_s16_224",
+              "gmlp_b16": "gmlp_b16_224"}
+
+
+def gelu_forms(variant: str) -> dict:
+  """Each side's GELU: timm's Mixer, ResMLP and gMLP all use nn.GELU (erf); ours the
+  tanh form for the Mixer (the released weights'), erf for ResMLP and gMLP (their
+  `approximate_gelu=False` default, which the benchmark keeps)."""
+  return {"ours": "tanh" if TIMM_NAMES[variant].startswith("mixer_") else "erf",
+          "timm": "erf"}
 
 
 def parse(argv):
@@ -153,6 +175,10 @@ def main(argv=None):
       proc.start()
       sides[side] = (proc, parent)
       info[side] = parent.recv()  # Built and warmed up.
+    if info["timm"]["num_params"] != info["ours"]["num_params"]:  # Not the same model.
+      raise SystemExit(
+          f"Error: parameter counts differ: ours {info['ours']['num_params']:,} "
+          f"({args.variant}), timm {info['timm']['num_params']:,} ({TIMM_NAMES[args.variant]}).")
     times = {"ours": [], "timm": []}
     faults = {"ours": [], "timm": []}
     for _ in range(args.rounds):
@@ -169,15 +195,13 @@ def main(argv=None):
         pass
       proc.join(timeout=60)
   ours, timm_info = info["ours"], info["timm"]
-  if timm_info["num_params"] != ours["num_params"]:
-    print(f"note: parameter counts differ: ours {ours['num_params']:,}, "
-          f"timm {timm_info['num_params']:,}")
   ours_ips = args.batch_size / statistics.median(times["ours"])
   timm_ips = args.batch_size / statistics.median(times["timm"])
   flops = ours["flops_per_image"]
   result = {
       "mode": args.mode, "variant": args.variant, "timm_model": TIMM_NAMES[args.variant],
       "batch_size": args.batch_size, "dtype": "float32", "threads": args.threads,
+      "gelu": gelu_forms(args.variant),
       "ours_images_per_s": ours_ips, "timm_images_per_s": timm_ips,
       "ratio": ours_ips / timm_ips, "ours_step_time_s": statistics.median(times["ours"]),
       "timm_step_time_s": statistics.median(times["timm"]),

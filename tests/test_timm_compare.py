@@ -20,6 +20,19 @@ def test_defaults_are_the_issue_setting():
   assert not args.timm_keep_host_memory
 
 
+def test_resmlp_and_gmlp_compare_with_timms_namesakes():
+  from mixer_jax import benchmark
+  for variant, timm_name in (("resmlp_12", "resmlp_12_224"), ("gmlp_s16", "gmlp_s16_224")):
+    for mode in ("train", "eval"):
+      args = timm_compare.parse([f"--variant={variant}", f"--mode={mode}"])
+      assert (args.variant, timm_compare.TIMM_NAMES[args.variant]) == (variant, timm_name)
+    # Both families compute the exact GELU on both sides; the Mixer ours the tanh form.
+    assert timm_compare.gelu_forms(variant) == {"ours": "erf", "timm": "erf"}
+  assert timm_compare.gelu_forms("S/32") == {"ours": "tanh", "timm": "erf"}
+  for variant in timm_compare.TIMM_NAMES:  # The ours side's flags accept every one.
+    assert benchmark.parse_args([f"--variant={variant}", "--mode=eval"]).variant == variant
+
+
 def test_module_import_leaves_malloc_to_each_worker():
   # The timm worker imports this module too: importing it must not change the process's
   # malloc settings (each worker decides, before its runtime starts threads).
