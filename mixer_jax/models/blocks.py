@@ -68,7 +68,7 @@ def run_blocks(block_class, x, *, prefix: str, num_blocks: int, train: bool,
   None: no stochastic depth). `remat` (a policy name other than "none") recomputes
   each block's activations in the backward pass. `constrain` is applied to the
   tokens entering each block (the models' `constrain` hook: state.py pins their batch
-  axis to the data axis). The Mixer (mixer.py) writes this loop out in its own file.
+  axis to the data axis). Every family's model runs its blocks through this loop.
   """
   block = block_class
   if remat != "none":  # Under scan the loop itself keeps XLA from CSE.

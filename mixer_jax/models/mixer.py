@@ -148,26 +148,15 @@ class MlpMixer(nn.Module):
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 conv_general_dilated=self.conv_general_dilated, name="stem")(images)
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Tokens in row-major raster order.
-    block = MixerBlock
-    if self.remat_policy != "none":  # Under scan the loop itself keeps XLA from CSE.
-      block = nn.remat(block, policy=blocks.remat_policy(self.remat_policy),
-                       prevent_cse=not self.scan, static_argnums=(2,))
-    block = functools.partial(block, self.tokens_mlp_dim, self.channels_mlp_dim,
-                              dropout=self.dropout, dtype=self.dtype,
-                              dot_general=self.dot_general, activation=self.activation,
-                              layer_norm=self.layer_norm, mlp_block=self.mlp_block)
-    # Stochastic depth: block i of N drops at stoch_depth * i / (N - 1).
-    rates = (blocks.stoch_depth_rates(self.stoch_depth, self.num_blocks)
-             if train and self.stoch_depth > 0.0 else None)
-    if self.scan:  # One block looped N times, over its stacked parameters and rates.
-      body = lambda block, x, rate: (block(self.constrain(x), train, rate), None)
-      x, _ = nn.scan(body, variable_axes={"params": 0},
-                     split_rngs={"params": True, "dropout": True},
-                     length=self.num_blocks)(block(name="MixerBlock"), x, rates)
-    else:
-      for i in range(self.num_blocks):
-        x = block(name=f"MixerBlock_{i}")(self.constrain(x), train,
-                                          None if rates is None else rates[i])
+    # N blocks (one looped N times under scan); block i of N drops its residual
+    # branches at stoch_depth * i / (N - 1) in training (blocks.py).
+    x = blocks.run_blocks(
+        MixerBlock, x, prefix="MixerBlock", num_blocks=self.num_blocks, train=train,
+        stoch_depth=self.stoch_depth, scan=self.scan, remat=self.remat_policy,
+        constrain=self.constrain, tokens_mlp_dim=self.tokens_mlp_dim,
+        channels_mlp_dim=self.channels_mlp_dim, dropout=self.dropout, dtype=self.dtype,
+        dot_general=self.dot_general, activation=self.activation,
+        layer_norm=self.layer_norm, mlp_block=self.mlp_block)
     x = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
     if return_tokens:
       return x.astype(jnp.float32)
