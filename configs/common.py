@@ -21,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 224
   c.cache_train = False         # Keep decoded-free encoded training records in memory.
   c.skip_corrupt_images = False  # folder: datasets: skip (and count) undecodable files.
-  c.train_crop = "inception"    # "inception" (random-resized crop) | "resize" | "none".
+  c.train_crop = "inception"    # "inception" (random-resized crop) | "resize" | "pad" | "none".
+  c.train_crop_padding = 4      # train_crop="pad": shift by up to this many pixels.
   c.train_flip = True
   c.randaugment_layers = 0      # Paper ImageNet-1k: 2.
   c.randaugment_magnitude = 0   # 0-30 scale; paper ImageNet-1k: 15.

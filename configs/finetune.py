@@ -1,7 +1,7 @@
 r"""Fine-tuning a pre-trained Mixer (paper Appendix B): `configs/finetune.py:DATASET`.
 
-DATASET is one of imagenet2012, cifar10, cifar100, oxford_iiit_pet, oxford_flowers102
-or folder:/path/to/images. The checkpoint comes in through `config.init_from` (a
+DATASET is one of imagenet2012, cifar10, cifar100, oxford_iiit_pet, oxford_flowers102,
+mixer_fashion_mnist (offline, see README "Real data") or folder:/path/to/images. The checkpoint comes in through `config.init_from` (a
 released `.npz` or a workdir of this codebase):
 
   python -m mixer_jax.main --config=configs/finetune.py:cifar10 \
@@ -14,7 +14,7 @@ Recipe (paper Appendix B; steps and warmup as in the released fine-tuning code):
 momentum SGD 0.9, batch 512, gradient clipping at global norm 1, linear warmup then
 cosine decay, no weight decay, learning rate 0.03 (the paper sweeps {0.003, 0.01,
 0.03, 0.06}: `--config.learning_rate=0.01`). 20k steps with 500 warmup on ImageNet,
-10k with 500 warmup on CIFAR, 500 with 100 warmup on Pets, Flowers and folders.
+10k with 500 warmup on CIFAR and Fashion-MNIST, 500 with 100 warmup on Pets, Flowers and folders.
 Inception crop + horizontal flip for training; no RandAugment, mixup, dropout or
 stochastic depth. Evaluation resizes straight to the image size
 (`eval_preprocess="resize"`), as the released fine-tuning code does.
@@ -33,7 +33,7 @@ token-mixing MLPs start block-diagonal, as K^2 = 4 copies of the 224-px ones
 (paper Appendix C, resolution.py); any integer multiple of the checkpoint's side works.
 
 Splits: imagenet2012 train/validation; cifar10, cifar100, oxford_iiit_pet,
-oxford_flowers102 train/test; folder:PATH train/validation (or train/test) when it
+oxford_flowers102, mixer_fashion_mnist train/test; folder:PATH train/validation (or train/test) when it
 has those subfolders, else train[:90%] / train[90%:].
 """
 
@@ -48,6 +48,8 @@ DATASETS = {
     "cifar100": ("train", "test", 10_000, 500),
     "oxford_iiit_pet": ("train", "test", 500, 100),
     "oxford_flowers102": ("train", "test", 500, 100),
+    # Fashion-MNIST from local IDX files (datasets/fashion_mnist.py): CIFAR's schedule.
+    "mixer_fashion_mnist": ("train", "test", 10_000, 500),
 }
 FOLDER = "folder:"
 FOLDER_STEPS = (500, 100)

@@ -361,3 +361,12 @@ def decode_and_inception_crop(encoded_bytes, seed, *, area_range=(0.08, 1.0),
 def random_flip(image, seed):
   """Flips left-right with probability 0.5."""
   return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def pad_and_crop(image, seed, padding):
+  """Pads `padding` black pixels on every side, then crops the original size at a
+  random offset: the shift augmentation of small-image training (CIFAR, MNIST)."""
+  image = tf.convert_to_tensor(image)
+  shape = tf.shape(image)
+  padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+  return tf.image.stateless_random_crop(padded, shape, seed)

@@ -49,7 +49,9 @@ give a slice for very large ones (e.g. `--fewshot_train_split=train[:10%]`).
 Output: a summary line, then, as the last line on stdout, one JSON object
   {"dataset", "split", "num_examples", "top1", "top5", "loss", "checkpoint",
    "image_size", "eval_preprocess", "devices"[, "real_top1", "real_num_examples"]
-   [, "fewshot_<n>shot" ...]}
+   [, "fewshot_<n>shot" ...][, "class_names", "confusion", "class_top1", "most_confused"]}
+(--confusion adds the last four: confusion[i][j] counts examples of class i predicted
+as j; most_confused lists the five most frequent mistakes.)
 (`top5` is null for fewer than 5 classes); --output=FILE writes the same object.
 Problems a user can fix (missing checkpoint, class-count mismatch, unprepared
 dataset, wrong image size) are one sentence on stderr and exit code 2.
@@ -174,7 +176,8 @@ def _tfds_classes_before_preparing(config) -> Optional[int]:
 # ---------------------------------------------------------------- evaluation
 def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
              image_size: Optional[int] = None, fewshot: bool = False,
-             fewshot_train_split: Optional[str] = None) -> Dict[str, Any]:
+             fewshot_train_split: Optional[str] = None,
+             confusion: bool = False) -> Dict[str, Any]:
   """Evaluates `checkpoint_path` on config.dataset; returns the JSON-ready result.
 
   Args:
@@ -185,6 +188,8 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     image_size: must equal the checkpoint's image size if given (None: use it).
     fewshot: also report few-shot accuracies on pre-logits.
     fewshot_train_split: pool of the few-shot examples (default config.train_split).
+    confusion: also report the confusion matrix, the most frequent mistakes and each
+      class's accuracy.
   """
   import jax
   from mixer_jax import state as state_lib
@@ -220,8 +225,8 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
                checkpoint_path, info["model"], f"{setup.num_params:,}", data.name, split,
                data.num_examples[split], size, jax.device_count())
   params = setup.place_params(params)
-  metrics = evaluation.Evaluator(setup.eval_step(), config, source, split, num_classes, mesh,
-                                 eval_batch)(params)
+  metrics = evaluation.Evaluator(setup.eval_step(confusion=confusion), config, source, split,
+                                 num_classes, mesh, eval_batch)(params)
 
   result = {"dataset": data.name, "split": split,
             "num_examples": int(round(metrics["num_examples"])),
@@ -231,6 +236,16 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
   if "real_accuracy" in metrics:
     result["real_top1"] = metrics["real_accuracy"]
     result["real_num_examples"] = int(round(metrics["real_num_examples"]))
+  if confusion:
+    matrix = metrics["confusion"]
+    names = data.class_names or [str(i) for i in range(num_classes)]
+    result["class_names"] = names
+    result["confusion"] = matrix.tolist()
+    result["class_top1"] = {n: float(matrix[i, i] / max(matrix[i].sum(), 1))
+                            for i, n in enumerate(names)}
+    result["most_confused"] = [
+        {"true": t, "predicted": p, "count": n, "share_of_true": s}
+        for t, p, n, s in evaluation.most_confused(matrix, names)]
   if fewshot:
     features_params = {k: v for k, v in params.items() if k != "head"}
     result.update(evaluation.fewshot_metrics(setup.feature_model(), features_params, config, source,
@@ -246,6 +261,10 @@ def summary_line(result: Dict[str, Any]) -> str:
           "examples")
   if "real_top1" in result:
     line += f"; ReaL top-1 {fmt(result['real_top1'])} on {result['real_num_examples']}"
+  if "most_confused" in result:
+    line += "; most confused (true -> predicted): " + ", ".join(
+        f"{m['true']} -> {m['predicted']} {m['count']} ({fmt(m['share_of_true'])})"
+        for m in result["most_confused"])
   shots = [k for k in result if k.startswith("fewshot_")]
   if shots:
     line += "; few-shot " + ", ".join(f"{k[len('fewshot_'):]} {fmt(result[k])}" for k in shots)
@@ -267,6 +286,8 @@ def define_flags():
   flags.DEFINE_string("output", "", "Also write the JSON result to this file.")
   flags.DEFINE_bool("fewshot", False, "Also report few-shot accuracies on pre-logits.")
   flags.DEFINE_string("fewshot_train_split", "", "Few-shot pool (default config.train_split).")
+  flags.DEFINE_bool("confusion", False,
+                    "Also report the confusion matrix, most frequent mistakes, per-class top-1.")
   flags.DEFINE_string("coordinator_address", None,
                       "host:port of process 0, for clusters JAX does not detect.")
   flags.DEFINE_integer("num_processes", None, "Total processes (with --coordinator_address).")
@@ -295,7 +316,8 @@ def _run():
   paths.resolve_config(FLAGS.config)
   result = evaluate(FLAGS.config, paths.resolve(FLAGS.checkpoint), split=FLAGS.split or None,
                     image_size=requested, fewshot=FLAGS.fewshot,
-                    fewshot_train_split=FLAGS.fewshot_train_split or None)
+                    fewshot_train_split=FLAGS.fewshot_train_split or None,
+                    confusion=FLAGS.confusion)
   if jax.process_index() == 0:
     text = json.dumps(result)
     if FLAGS.output:

@@ -19,7 +19,9 @@ from mixer_jax import sharding
 
 def summarize(sums: Dict[str, Any]) -> Dict[str, float]:
   """Per-example means from the eval step's sums."""
-  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  sums = dict(jax.device_get(sums))
+  confusion = sums.pop("confusion", None)
+  sums = {k: float(v) for k, v in sums.items()}
   n = sums["num_examples"]
   out = {"loss": sums["loss"] / n, "accuracy": sums["accuracy"] / n, "num_examples": n}
   if "top5" in sums:
@@ -27,7 +29,21 @@ def summarize(sums: Dict[str, Any]) -> Dict[str, float]:
   if "real_accuracy" in sums:
     out["real_accuracy"] = sums["real_accuracy"] / max(sums["real_num_examples"], 1)
     out["real_num_examples"] = sums["real_num_examples"]
+  if confusion is not None:
+    out["confusion"] = np.rint(confusion).astype(np.int64)
   return out
+
+
+def most_confused(confusion: np.ndarray, class_names=None, top: int = 5):
+  """The `top` most frequent errors, as (true class, predicted class, count, share of
+  the true class's examples), most frequent first."""
+  confusion = np.asarray(confusion)
+  names = list(class_names) if class_names else [str(i) for i in range(len(confusion))]
+  per_class = np.maximum(confusion.sum(1), 1)
+  errors = [(int(confusion[i, j]), i, j) for i in range(len(confusion))
+            for j in range(len(confusion)) if i != j and confusion[i, j] > 0]
+  errors.sort(key=lambda e: (-e[0], e[1], e[2]))
+  return [(names[i], names[j], n, n / per_class[i]) for n, i, j in errors[:top]]
 
 
 def _batches(source, config, split: str, num_classes: int, mesh, batch_size: int):

@@ -69,6 +69,7 @@ class _TfdsSource:
                prepare_timeout_s: float = PREPARE_TIMEOUT_S):
     import tensorflow_datasets as tfds
     from mixer_jax.datasets import digits  # noqa: F401  Registers `mixer_digits`.
+    from mixer_jax.datasets import fashion_mnist  # noqa: F401  `mixer_fashion_mnist`.
     self._tfds = tfds
     self.name = name
     self._data_dir = data_dir or None
@@ -99,10 +100,14 @@ class _TfdsSource:
           "imagenet2012 or cifar10, or folder:/path/to/images.") from None
 
   def _prepare(self, manual_dir: str):
+    from mixer_jax.datasets import fashion_mnist
     tfds, name = self._tfds, self.name
     where = self.builder.data_dir
     if name in _OFFLINE_BUILDERS:
       self.builder.download_and_prepare()
+      return
+    if name == fashion_mnist.NAME:
+      self.builder = fashion_mnist.prepare(self._data_dir or "", manual_dir)
       return
     base = name.split("/")[0].split(":")[0]
     if base in _MANUAL_DATASETS:
@@ -123,6 +128,11 @@ class _TfdsSource:
                         f"({type(e).__name__}: {reason}); {_MANUAL_DATASETS[base]}, "
                         "complete and unmodified.") from e
       return
+    if base == "fashion_mnist":
+      raise errors.DataError(f"TFDS dataset fashion_mnist is not prepared in {where} and "
+                             "would need a download; use --config.dataset="
+                             f"{fashion_mnist.NAME}, which prepares it from local IDX files "
+                             f"({fashion_mnist.PACKAGE_HINT}).")
     raise errors.DataError(f"TFDS dataset {name} is not prepared in {where}; prepare it on a "
                     f"machine with internet (`tfds build {name} --data_dir=DIR`) and point "
                     "config.data_dir at DIR.")
@@ -379,12 +389,16 @@ def preprocess_train(example, seed, config, num_classes):
     image = _resize(augment.decode_and_inception_crop(example["image"], crop_seed), size)
   elif config.train_crop == "resize":
     image = _resize(_decode(example["image"]), size)
+  elif config.train_crop == "pad":
+    # Small images (Fashion-MNIST): shift by up to train_crop_padding pixels.
+    image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
+    image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
   elif config.train_crop == "none":
     # Images already at image_size (e.g. the 8x8 digits): decode only.
     image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
   else:
-    raise errors.DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize "
-                    "or none.")
+    raise errors.DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize, "
+                    "pad or none.")
   if config.train_flip:
     image = augment.random_flip(image, flip_seed)
   if config.randaugment_layers > 0:

@@ -52,7 +52,8 @@ def validate_config(config) -> None:
   for name in ("num_train_steps", "learning_rate", "warmup_steps", "weight_decay",
                "grad_clip_norm", "mixup_alpha", "cutmix_alpha", "randaugment_layers",
                "eval_batch_size",
-               "num_classes", "end_learning_rate", "fewshot_every_steps"):
+               "num_classes", "end_learning_rate", "fewshot_every_steps",
+               "train_crop_padding"):
     check(name, lambda v: v >= 0, "zero or positive")
   if config.num_train_steps == 0:
     check("num_epochs", lambda v: v > 0, "a positive number (or set num_train_steps)")
@@ -65,7 +66,7 @@ def validate_config(config) -> None:
   for name, allowed in (("loss", LOSSES), ("nonfinite", NONFINITE),
                         ("optimizer", optim.OPTIMIZERS), ("lr_decay", optim.SCHEDULES),
                         ("sharding", sharding.STRATEGIES),
-                        ("train_crop", ("inception", "resize", "none")),
+                        ("train_crop", ("inception", "resize", "pad", "none")),
                         ("eval_preprocess", ("resize_crop", "resize")),
                         ("dtype", ("float32", "bfloat16", "float16")),
                         ("model.remat_policy", models.REMAT_POLICIES)):
@@ -244,9 +245,10 @@ class Setup:
                    out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
 
-  def eval_step(self, model=None):
+  def eval_step(self, model=None, confusion: bool = False):
     """(params, global batch) -> sums over its real examples, replicated."""
-    step = steps.make_eval_step(model or self.eval_model, self.config, self.num_classes)
+    step = steps.make_eval_step(model or self.eval_model, self.config, self.num_classes,
+                                confusion)
     return jax.jit(step, out_shardings=sharding.replicated(self.mesh))
 
   def abstract_batch(self, batch_size: int):

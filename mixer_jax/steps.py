@@ -112,8 +112,11 @@ def make_train_step(model, tx, config, num_classes: int):
   return step_fn
 
 
-def make_eval_step(model, config, num_classes: int):
-  """(params, batch) -> sums over the real (mask=1) examples of the batch."""
+def make_eval_step(model, config, num_classes: int, confusion: bool = False):
+  """(params, batch) -> sums over the real (mask=1) examples of the batch.
+
+  With `confusion`, also `confusion[i, j]`: how many examples of class i were
+  predicted as class j."""
   def step_fn(params, batch):
     logits = model.apply({"params": params}, batch["image"], train=False)
     mask = batch["mask"]
@@ -135,6 +138,9 @@ def make_eval_step(model, config, num_classes: int):
       hit = jnp.take_along_axis(batch["real"], top1[:, None], -1)[:, 0]
       sums["real_accuracy"] = jnp.sum(hit * has_real)
       sums["real_num_examples"] = jnp.sum(has_real)
+    if confusion:
+      predicted = jax.nn.one_hot(top1, num_classes, dtype=jnp.float32)
+      sums["confusion"] = (labels * mask[:, None]).T @ predicted
     return sums
   return step_fn
 

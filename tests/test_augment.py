@@ -391,3 +391,20 @@ def test_random_flip():
     else:
       pytest.fail("random_flip returned neither the image nor its mirror")
   assert seen == {"same", "flipped"}
+
+
+def test_pad_and_crop_shifts_within_the_padding():
+  image = tf.constant(np.arange(1, 6 * 6 * 3 + 1).reshape(6, 6, 3) % 250 + 1, tf.uint8)
+  padded = np.pad(image.numpy(), [(2, 2), (2, 2), (0, 0)])
+  offsets = set()
+  for s in range(40):
+    out = augment.pad_and_crop(image, tf.constant([s, 7]), 2).numpy()
+    assert out.shape == (6, 6, 3)
+    # The output is one 6x6 window of the zero-padded image; find its offset.
+    found = [(dy, dx) for dy in range(5) for dx in range(5)
+             if np.array_equal(padded[dy:dy + 6, dx:dx + 6], out)]
+    assert len(found) == 1
+    offsets.add(found[0])
+  assert len(offsets) > 10  # Many of the 25 shifts are drawn, unshifted among them or not.
+  again = augment.pad_and_crop(image, tf.constant([3, 7]), 2).numpy()
+  assert np.array_equal(again, augment.pad_and_crop(image, tf.constant([3, 7]), 2).numpy())

@@ -160,3 +160,20 @@ def test_resmlp_and_gmlp_recipes_and_digits_demos():
     assert c.model.variant == variant and state_lib.model_fields(c) == dict(
         patch_size=2, num_blocks=4, hidden_dim=64, channels_mlp_dim=256)
   assert default.get_config().model.variant == "S/2"
+
+
+# ---------------------------------------------------------------- real data
+def test_fashion_mnist_configs():
+  from configs import fashion_mnist
+  short, long = fashion_mnist.get_config(), fashion_mnist.get_config("long")
+  for c in (short, long):
+    state_lib.validate_config(c)
+    assert set(c.keys()) == set(common.base_config().keys())
+    assert (c.dataset, c.image_size, c.eval_split, c.train_flip) == (
+        "mixer_fashion_mnist", 28, "test", True)
+    assert c.model.patch_size == 4  # 7 x 7 tokens.
+  assert (short.train_crop, short.train_crop_padding) == ("pad", 1)
+  assert (long.train_crop, long.train_crop_padding) == ("pad", 2)
+  assert long.num_epochs > short.num_epochs
+  with pytest.raises(ValueError, match=r"^Unknown setting 'x' in configs/fashion_mnist.py:x"):
+    fashion_mnist.get_config("x")

@@ -355,3 +355,146 @@ def test_folder_skipped_files_counted_by_reason(tmp_path, caplog):
   assert len(lines) == 1 and lines[0].startswith(
       f'Dataset folder {root}: skipped 6 files: 1 outside a class folder, 1 hidden, '
       '2 not an image extension, 1 empty, 1 undecodable (e.g. ')
+
+
+# --------------------------------------------------------------------------
+# mixer_fashion_mnist (from IDX files the test writes; no Debian package needed)
+# --------------------------------------------------------------------------
+
+from mixer_jax import errors  # noqa: E402
+from mixer_jax import input_pipeline  # noqa: E402
+from mixer_jax.datasets import fashion_mnist  # noqa: E402
+
+FASHION_SIZES = {'train': 7, 'test': 3}
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+      int(n).to_bytes(4, 'big') for n in array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def _fashion_arrays(split):
+  n = FASHION_SIZES[split]
+  rng = np.random.default_rng(len(split))
+  return (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+          (np.arange(n) * 3 + len(split)) % 10)
+
+
+def _write_fashion(directory, gz=True, override=None):
+  """The four IDX files (train gzipped when `gz`, test plain); `override` maps a file
+  stem to the bytes to write instead."""
+  import gzip
+  os.makedirs(directory, exist_ok=True)
+  for split, (image_stem, label_stem) in fashion_mnist.FILES.items():
+    images, labels = _fashion_arrays(split)
+    for stem, data in ((image_stem, _idx_bytes(images)), (label_stem, _idx_bytes(labels))):
+      data = (override or {}).get(stem, data)
+      if gz and split == 'train':
+        with gzip.open(os.path.join(directory, stem + '.gz'), 'wb') as f:
+          f.write(data)
+      else:
+        with open(os.path.join(directory, stem), 'wb') as f:
+          f.write(data)
+  return str(directory)
+
+
+def test_fashion_mnist_prepares_offline_from_idx_files(tmp_path):
+  manual = _write_fashion(tmp_path / 'idx')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(socket.socket, 'connect', _no_network)
+    mp.setattr(socket, 'getaddrinfo', _no_network)
+    source = input_pipeline._TfdsSource(fashion_mnist.NAME, str(tmp_path / 'tfds'), manual)
+  assert source.class_names == list(fashion_mnist.CLASSES) and source.num_classes == 10
+  for split, n in FASHION_SIZES.items():
+    assert source.split_size(split) == n
+    images, labels = _fashion_arrays(split)
+    data = _load_split(source.builder, split)
+    order = np.argsort(data['id'])
+    np.testing.assert_array_equal(data['id'][order], np.arange(n))
+    np.testing.assert_array_equal(data['label'][order], labels)
+    np.testing.assert_array_equal(data['image'][order][..., 0], images)
+  # The training path decodes the stored grey image to 3 equal channels (example
+  # indices follow the record order, which TFDS shuffles by key).
+  examples = source.examples('train', in_memory=True)
+  position = int(np.flatnonzero(_load_split(source.builder, 'train')['id'] == 2)[0])
+  rgb = input_pipeline._decode(
+      examples.lookup(tf.constant(position, tf.int64))['image']).numpy()
+  images, _ = _fashion_arrays('train')
+  for channel in range(3):
+    np.testing.assert_array_equal(rgb[..., channel], images[2])
+  # Prepared once: a second source reuses it without the IDX files.
+  again = input_pipeline._TfdsSource(fashion_mnist.NAME, str(tmp_path / 'tfds'),
+                                     str(tmp_path / 'gone'))
+  assert again.split_size('test') == 3
+
+
+_IMAGES = fashion_mnist.FILES['train'][0]
+_LABELS = fashion_mnist.FILES['train'][1]
+
+
+@pytest.mark.parametrize('override,expected', [
+    ({_IMAGES: _idx_bytes(_fashion_arrays('train')[0])[:-5]},
+     f'holds {16 + 7 * 28 * 28 - 5} bytes but its header [7, 28, 28] needs'),
+    ({_IMAGES: b'\x00\x00\x0d\x03' + bytes(12)}, 'is not an unsigned-byte IDX file'),
+    ({_IMAGES: b'\x00\x00'}, 'too few for an IDX header'),
+    ({_LABELS: _idx_bytes(np.zeros(6, np.uint8))}, 'hold 7 images but 6 labels'),
+    ({_LABELS: _idx_bytes(np.full(7, 10, np.uint8))}, 'holds label 10'),
+    ({_IMAGES: _idx_bytes(np.zeros((7, 28, 27), np.uint8))}, 'not [N, 28, 28] images'),
+])
+def test_fashion_mnist_bad_files_are_one_sentence(tmp_path, override, expected):
+  manual = _write_fashion(tmp_path / 'idx', override=override)
+  with pytest.raises(errors.DataError) as e:
+    input_pipeline._TfdsSource(fashion_mnist.NAME, str(tmp_path / 'tfds'), manual)
+  message = str(e.value)
+  assert expected in message and 'dataset-fashion-mnist' in message
+  assert len(message.strip().splitlines()) == 1
+
+
+def test_fashion_mnist_missing_or_corrupt_files(tmp_path):
+  with pytest.raises(errors.DataError, match=r'is not in .*apt-get install '
+                                             r'dataset-fashion-mnist'):
+    input_pipeline._TfdsSource(fashion_mnist.NAME, str(tmp_path / 'tfds'),
+                               str(tmp_path / 'empty'))
+  manual = _write_fashion(tmp_path / 'idx')
+  path = os.path.join(manual, _IMAGES + '.gz')
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:  # A download cut short: the gzip stream ends early.
+    f.write(data[:len(data) // 2])
+  with pytest.raises(errors.DataError, match='cannot be read'):
+    input_pipeline._TfdsSource(fashion_mnist.NAME, str(tmp_path / 'tfds'), manual)
+  # Nothing half-prepared is left to be mistaken for the dataset.
+  assert not tfds.builder(fashion_mnist.NAME, data_dir=str(tmp_path / 'tfds')).is_prepared()
+
+
+def test_tfds_fashion_mnist_name_points_to_the_offline_builder(tmp_path):
+  with pytest.raises(errors.DataError, match='--config.dataset=mixer_fashion_mnist'):
+    input_pipeline._TfdsSource('fashion_mnist', str(tmp_path / 'tfds'))
+
+
+def test_fashion_mnist_trains_and_evaluates_through_the_entry_points(tmp_path):
+  """The config's data settings (3-channel decode, shift, flip) on tiny IDX files:
+  train a few steps, then evaluate the workdir with the confusion matrix."""
+  from conftest import TINY_MODEL
+  from configs import fashion_mnist as fashion_config
+  from mixer_jax import evaluate
+  from mixer_jax import train
+  manual = _write_fashion(tmp_path / 'idx')
+  config = fashion_config.get_config()
+  config.data_dir, config.manual_dir = str(tmp_path / 'tfds'), manual
+  for key, value in dict(TINY_MODEL, patch_size=7).items():
+    config.model[key] = value
+  config.batch_size, config.eval_batch_size, config.num_train_steps = 4, 4, 2
+  config.warmup_steps, config.log_every_steps = 1, 1
+  config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.log_image_grid = False
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['num_examples'] == FASHION_SIZES['test']
+  evaluated = evaluate.evaluate(config, str(tmp_path / 'run'), confusion=True)
+  matrix = np.asarray(evaluated['confusion'])
+  _, labels = _fashion_arrays('test')
+  np.testing.assert_array_equal(matrix.sum(1), np.bincount(labels, minlength=10))
+  assert np.trace(matrix) / 3 == pytest.approx(evaluated['top1'])
+  assert evaluated['top1'] == pytest.approx(result['accuracy'])
+  assert evaluated['class_names'] == list(fashion_mnist.CLASSES)

@@ -285,9 +285,20 @@ def test_fewshot_on_folder_and_default_splits(tmp_path):
   config = finetune.get_config(f"folder:{root}")
   assert (config.train_split, config.eval_split) == ("train", "validation")
   config.eval_batch_size = 8
-  result = evaluate.evaluate(config, ckpt, fewshot=True)
+  result = evaluate.evaluate(config, ckpt, fewshot=True, confusion=True)
   assert result["split"] == "validation" and result["num_examples"] == 36
   assert result["top1"] == pytest.approx(1 / 3)  # Always class 1.
+  # So every example sits in column 1 of the confusion matrix.
+  matrix = np.asarray(result["confusion"])
+  assert matrix.shape == (3, 3) and matrix.sum() == 36
+  assert np.all(matrix[:, [0, 2]] == 0) and np.all(matrix[:, 1] == 12)
+  names = result["class_names"]
+  assert result["class_top1"] == {names[0]: 0.0, names[1]: 1.0, names[2]: 0.0}
+  assert [(m["true"], m["predicted"], m["count"], m["share_of_true"])
+          for m in result["most_confused"]] == [(names[0], names[1], 12, 1.0),
+                                                (names[2], names[1], 12, 1.0)]
+  assert f"most confused (true -> predicted): {names[0]} -> {names[1]} 12 (100.00%)" in (
+      evaluate.summary_line(result))
   assert result["top5"] is None  # Fewer than 5 classes.
   assert set(k for k in result if k.startswith("fewshot_")) == {
       "fewshot_1shot", "fewshot_5shot", "fewshot_10shot"}

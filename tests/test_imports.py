@@ -22,7 +22,7 @@ FLOORS = {
     3: ("state",),
     4: ("evaluation",),
     5: ("train",),
-    6: ("main", "evaluate", "predict", "export", "summary", "benchmark", "memory"),
+    6: ("main", "evaluate", "predict", "export", "summary", "benchmark", "memory", "plot"),
 }
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
 ENTRY_POINTS = FLOORS[max(FLOORS)]
