@@ -107,7 +107,7 @@ class _TfdsSource:
       self.builder.download_and_prepare()
       return
     if name == fashion_mnist.NAME:
-      self.builder = fashion_mnist.prepare(self._data_dir or "", manual_dir)
+      fashion_mnist.download_and_prepare(self.builder, manual_dir)
       return
     base = name.split("/")[0].split(":")[0]
     if base in _MANUAL_DATASETS:
@@ -389,13 +389,12 @@ def preprocess_train(example, seed, config, num_classes):
     image = _resize(augment.decode_and_inception_crop(example["image"], crop_seed), size)
   elif config.train_crop == "resize":
     image = _resize(_decode(example["image"]), size)
-  elif config.train_crop == "pad":
-    # Small images (Fashion-MNIST): shift by up to train_crop_padding pixels.
+  elif config.train_crop in ("pad", "none"):
+    # Images already at image_size (the 8x8 digits, Fashion-MNIST): decode, and with
+    # "pad" shift by up to train_crop_padding pixels.
     image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
-    image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
-  elif config.train_crop == "none":
-    # Images already at image_size (e.g. the 8x8 digits): decode only.
-    image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
+    if config.train_crop == "pad":
+      image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
   else:
     raise errors.DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize, "
                     "pad or none.")

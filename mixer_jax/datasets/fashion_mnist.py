@@ -165,13 +165,18 @@ class MixerFashionMnist(tfds.core.GeneratorBasedBuilder):
 def prepare(data_dir: str, manual_dir: str = "") -> MixerFashionMnist:
   """Prepares the dataset under `data_dir` from `manual_dir` (default DEBIAN_DIR) if
   needed and returns the builder. Offline; a prepared dataset is reused."""
-  manual_dir = manual_dir or DEBIAN_DIR
   builder = MixerFashionMnist(data_dir=os.fspath(data_dir) if data_dir else None)
   if not builder.is_prepared():
-    check_files(manual_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    builder = MixerFashionMnist(data_dir=os.fspath(data_dir) if data_dir else None)
+    download_and_prepare(builder, manual_dir)
   return builder
+
+
+def download_and_prepare(builder: MixerFashionMnist, manual_dir: str = "") -> None:
+  """Prepares `builder` in place from the IDX files in `manual_dir` (default
+  DEBIAN_DIR); a missing file is one sentence before TFDS writes anything."""
+  manual_dir = manual_dir or DEBIAN_DIR
+  check_files(manual_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir, try_download_gcs=False,
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
