@@ -9,8 +9,8 @@ test images evaluated.
   python -m mixer_jax.main --config=configs/fashion_mnist.py:long --workdir=/tmp/fmnist_long
 
 On a CPU-only machine, one JAX device per core (the XLA_FLAGS above, for 2 cores)
-trains data-parallel over the cores: on the 2-core development CPU that is 3.7 steps/s
-against 3.4 for one device running two threads.
+trains data-parallel over the cores: on the 2-core development CPU that is 3.6-3.7
+steps/s against 3.35 for one device running two threads.
 
 Results and wall times: README, "Real data".
 

@@ -404,11 +404,16 @@ def _orbax_steps(checkpoint_dir: str):
 
 
 def _restore_params_only(checkpoint_dir: str, step: int):
+  """The step's parameters, whole on this process's first device: the checkpoint may
+  come from any topology (a run on 8 devices, read by evaluate on 1)."""
   import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
-      read_only=True)) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  return _to_numpy_tree(restored["params"])
+  params_dir = os.path.join(checkpoint_dir, str(step), "params")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(params_dir).item_metadata)
+    return _to_numpy_tree(checkpointer.restore(params_dir, target))
 
 
 def _to_numpy_tree(tree):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -33,6 +34,7 @@ def digits_folder(tmp_path_factory):
 _SHARDING_SCRIPT = r"""
 import json, sys
 import jax
+import numpy as np
 from configs import default
 from mixer_jax import checkpoint, train
 
@@ -44,7 +46,8 @@ original_save = checkpoint.TrainCheckpoints.save
 def spy(self, step, state):  # The loop's real state, at its last step.
   saved[current] = {jax.tree_util.keystr(path): {
       "spec": [None if a is None else str(a) for a in leaf.sharding.spec],
-      "shape": list(leaf.shape), "shard": list(leaf.addressable_shards[0].data.shape)}
+      "shape": list(leaf.shape), "shard": list(leaf.addressable_shards[0].data.shape),
+      "sum": float(np.sum(np.asarray(jax.device_get(leaf), np.float64)))}
       for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
   return original_save(self, step, state)
 
@@ -98,6 +101,20 @@ def test_fsdp_and_model_axis_match_replicate_on_8_devices(digits_folder, tmp_pat
     assert np.prod(a["shard"]) * 8 == np.prod(a["shape"]), (key, a)
   small = [a for a in fsdp.values() if np.prod(a["shape"]) < 64]
   assert small and all(not any(a["spec"]) for a in small)
+
+  # This process has 1 device: evaluate, predict and export read the 8-device
+  # checkpoints (sharded or not) whole.
+  from mixer_jax import checkpoint
+  for name in ("replicate", "fsdp"):
+    params, _ = checkpoint.load_params(str(tmp_path / name))
+    prefix = "['params']"
+    saved = {k[len(prefix):]: a for k, a in out[name]["state"].items() if k.startswith(prefix)}
+    loaded = {jax.tree_util.keystr(p): leaf
+              for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    assert sorted(loaded) == sorted(saved)
+    for key, leaf in loaded.items():
+      assert list(leaf.shape) == saved[key]["shape"], key
+      assert np.sum(leaf, dtype=np.float64) == pytest.approx(saved[key]["sum"], rel=1e-6), key
   # mesh_model=2: MLP hidden dims over `model`, fsdp over the 4-way `data` axis.
   model2 = out["fsdp_model2"]["state"]
   dense0 = [a for k, a in model2.items() if "Dense_0']['kernel']" in k]
