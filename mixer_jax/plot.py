@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 
 from mixer_jax import errors
+from mixer_jax import paths
 
 CURVES = (("loss", "train/loss", "eval/loss"), ("top-1 accuracy", "train/accuracy",
                                                 "eval/accuracy"))
@@ -95,8 +96,9 @@ def main(argv):
   def run():
     if not FLAGS.workdir or not FLAGS.out:
       raise errors.WorkdirError("Pass --workdir=DIR[,DIR...] and --out=FILE.png.")
-    plot(FLAGS.workdir, FLAGS.out, FLAGS.title)
-    print(f"Wrote {FLAGS.out}")
+    out = paths.resolve(FLAGS.out)
+    plot([paths.resolve(w) for w in FLAGS.workdir], out, FLAGS.title)
+    print(f"Wrote {out}")
 
   errors.run_guarded(run)
 

@@ -2,11 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from mixer_jax import errors
 from mixer_jax import plot
 
@@ -53,3 +56,16 @@ def test_plot_input_errors_are_one_sentence(tmp_path):
   empty = _write_metrics(tmp_path / "empty", [{"step": 1, "train/grad_norm": 1.0}])
   with pytest.raises(errors.WorkdirError, match="no train or eval loss/accuracy"):
     plot.plot([empty], str(tmp_path / "x.png"))
+
+
+def test_plot_command_resolves_paths_as_typed(tmp_path):
+  """`~` and relative paths mean what the shell user meant, as in every entry point."""
+  home = tmp_path / "home"
+  _write_metrics(home / "runs" / "seed0", _run(0))
+  env = dict(os.environ, HOME=str(home), PYTHONPATH=REPO)
+  done = subprocess.run([sys.executable, "-m", "mixer_jax.plot", "--workdir=~/runs/seed0",
+                         "--out=figs/curves.png"], cwd=str(home / "runs"), env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  written = home / "runs" / "figs" / "curves.png"
+  assert written.is_file() and done.stdout.strip() == f"Wrote {written}"
