@@ -22,8 +22,8 @@ budget on a 2-core CPU, where the model's matmuls are the whole cost):
   590,354 parameters): the channel MLPs are most of the FLOPs, and at 2x a step costs
   0.78 of a step at 3x (617 against 483 images/s, `mixer_jax.benchmark`, two devices).
   The budget is the limit, not the model's capacity: eval accuracy still rises at the
-  last evaluation, so the saving goes into epochs. 24 epochs at 2x beat 19 at 3x by
-  0.46 and 0.53 points on seeds 1 and 2.
+  last evaluation, so the saving goes into epochs. 24 epochs at 2x beat 19 at 3x on
+  each of seeds 0, 1 and 2, by 0.27, 0.46 and 0.53 points.
 - 24 epochs (11,250 steps), the most that fits the 45-minute budget with the two
   devices.
 - Adam (b1 0.9, b2 0.999), gradient clipping at global norm 1, as the paper.
@@ -43,8 +43,8 @@ budget on a 2-core CPU, where the model's matmuls are the whole cost):
 
 `:long`, aimed at the leaderboard's VGG16 line (93.5%): the same model trained
 64 epochs (30,000 steps), long enough for the regularisers the short run leaves out:
-a shift of up to 2 px and stochastic depth 0.1. It stays at width 128 so that it runs
-in under two hours on the 2-core CPU; on an accelerator, widen it with
+a shift of up to 2 px and stochastic depth 0.1. It stays at width 128 so that it fits a
+session on the 2-core CPU (an estimated 1 h 50 min, not yet run); on an accelerator, widen it with
 `--config.model.hidden_dim` and the MLP dims.
 """
 
