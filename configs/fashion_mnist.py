@@ -44,8 +44,9 @@ budget on a 2-core CPU, where the model's matmuls are the whole cost):
 `:long`, aimed at the leaderboard's VGG16 line (93.5%): the same model trained
 64 epochs (30,000 steps), long enough for the regularisers the short run leaves out:
 a shift of up to 2 px and stochastic depth 0.1. It stays at width 128 so that it fits a
-session on the 2-core CPU (an estimated 1 h 50 min, not yet run); on an accelerator, widen it with
-`--config.model.hidden_dim` and the MLP dims.
+session on the 2-core CPU: seed 0 reached 93.24% in 1 h 59 min there, 0.26 short of
+VGG16 (README). On an accelerator, widen it with `--config.model.hidden_dim` and the
+MLP dims.
 """
 
 from configs import common
