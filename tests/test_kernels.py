@@ -27,7 +27,8 @@ def _values_and_grads(f, *args):
   """f(*args) and the gradient of a scalar of it with respect to every argument."""
   weights = jax.random.normal(jax.random.key(9), jax.eval_shape(f, *args).shape)
   loss = lambda *a: jnp.sum(weights * f(*a).astype(jnp.float32))
-  return f(*args), jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+  # Jitted: one compile each, instead of dispatching every op of a model on its own.
+  return jax.jit(f)(*args), jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
 
 
 def _same(fast, plain, args, dtype):
