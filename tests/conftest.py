@@ -7,6 +7,7 @@ test_profile_step.py for benchmarks/; test_errors.py is the README's error catal
 """
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,13 @@ def config_flags(data_dir, **overrides):
   flags.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
   flags.update(overrides)
   return [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def read_metrics(workdir):
+  """Every row of WORKDIR/metrics.jsonl as written, repeats included (a run that started
+  over logs a step twice; mixer_jax.plot.read_metrics keeps the last)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 def run_main(args, env_extra=None, timeout=300, config="configs/default.py"):

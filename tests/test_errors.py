@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import config_flags, run_main, tiny_config
+from conftest import config_flags, read_metrics, run_main, tiny_config
 from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import models
@@ -288,8 +288,7 @@ def test_nonfinite_skip_counts_and_keeps_params_finite(data_dir, tmp_path):
                        lr_decay="constant", num_train_steps=6, log_every_steps=6,
                        nonfinite="skip")
   train.train_and_evaluate(config, str(tmp_path / "w"))
-  import json
-  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
+  rows = read_metrics(tmp_path / "w")
   skipped = [r["train/nonfinite_steps"] for r in rows if "train/nonfinite_steps" in r]
   assert skipped and skipped[-1] >= 1
   params, _ = checkpoint.load_params(str(tmp_path / "w"))

@@ -1,13 +1,12 @@
 """paths.py: paths resolved once at the entry points; a run started through relative
 paths trains, saves and resumes like one started through absolute ones."""
 
-import json
 import os
 import subprocess
 import sys
 import types
 
-from conftest import REPO, config_flags, tiny_config
+from conftest import REPO, config_flags, read_metrics, tiny_config
 from mixer_jax import paths
 
 
@@ -50,7 +49,6 @@ def test_relative_workdir_and_data_dir_train_save_and_resume(data_dir, tmp_path,
   config = tiny_config(relative_data, num_train_steps=6)
   paths.resolve_config(config)
   train.train_and_evaluate(config, paths.resolve("runs/x"))
-  train_steps = [json.loads(line)["step"] for line in open("runs/x/metrics.jsonl")
-                 if "train/loss" in line]
+  train_steps = [r["step"] for r in read_metrics("runs/x") if "train/loss" in r]
   assert train_steps == [2, 4, 6]  # Step 2 logged once: it resumed, it did not start over.
   assert not (tmp_path / "runs" / "x" / "unreadable_checkpoints").exists()

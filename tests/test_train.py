@@ -31,7 +31,7 @@ import optax
 from PIL import Image, ImageDraw
 import pytest
 
-from conftest import REPO, config_flags, run_main, tiny_config
+from conftest import REPO, config_flags, read_metrics, run_main, tiny_config
 from configs import finetune
 from mixer_jax import checkpoint
 from mixer_jax import errors
@@ -42,11 +42,6 @@ from mixer_jax import resolution
 from mixer_jax import run_record
 from mixer_jax import train
 from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint, write_folder
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
