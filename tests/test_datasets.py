@@ -498,3 +498,42 @@ def test_fashion_mnist_trains_and_evaluates_through_the_entry_points(tmp_path):
   assert np.trace(matrix) / 3 == pytest.approx(evaluated['top1'])
   assert evaluated['top1'] == pytest.approx(result['accuracy'])
   assert evaluated['class_names'] == list(fashion_mnist.CLASSES)
+
+
+def test_folder_symlink_loop_refused(tmp_path):
+  # Issue 31: `ln -s .. F/a/loop` multiplied the images (492 from 12) and counted
+  # class b's files under a too.
+  root = _flat_tree(tmp_path / 'loop', per_class=2)
+  os.symlink('..', root / 'cat' / 'loop')
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(root))
+  assert str(e.value) == (
+      f'Dataset folder {root}: {root / "cat" / "loop"} is a symbolic link to {root}, '
+      'which contains it (a loop that would list the same images again and again); '
+      'remove the link.')
+
+
+def test_folder_symlink_to_another_class_refused(tmp_path):
+  root = _flat_tree(tmp_path / 'cross', per_class=2)
+  os.symlink(root / 'dog', root / 'cat' / 'dogs')
+  with pytest.raises(ValueError, match='another part of the same dataset'):
+    FolderSource(str(root))
+  os.remove(root / 'cat' / 'dogs')
+  os.symlink(root / 'dog' / '000.jpg', root / 'cat' / 'a_dog.jpg')
+  with pytest.raises(ValueError, match='reached from two class folders'):
+    FolderSource(str(root))
+
+
+def test_folder_links_out_of_the_root_followed_once(tmp_path):
+  root = _flat_tree(tmp_path / 'out', per_class=2)
+  outside = tmp_path / 'extra'
+  _img(outside / 'x.png', seed=99)
+  _img(outside / 'y.png', seed=98)
+  os.symlink(outside, root / 'cat' / 'more')
+  os.symlink(outside, root / 'cat' / 'again')  # The same real files a second time.
+  src = FolderSource(str(root))
+  assert src.num_examples('train') == 6 + 2
+  assert src.skipped_counts == {'linked twice': 2}
+  cat = src.class_names.index('cat')
+  assert sorted(os.path.basename(p) for p, label in src.split('train')
+                if label == cat) == ['000.jpg', '001.png', 'x.png', 'y.png']

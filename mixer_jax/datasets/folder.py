@@ -14,6 +14,10 @@ Layouts
 Class names are the sorted subfolder names (the union over all splits, so a
 label means the same class in every split); label = index in ``class_names``.
 Images may sit in nested folders below a class folder (searched recursively).
+Symbolic links: each real file counts once, under the class folder it is reached
+from. A link out of the dataset is followed; a link to a folder above it (a loop),
+to another part of the dataset, or one real image reached from two class folders is
+refused with a sentence naming the link.
 Hidden files and folders (name starting with ``.``) are ignored, as are files
 without an accepted extension: ``.jpg .jpeg .png .bmp .gif``
 (case-insensitive), and files outside the class folders; every file left out
@@ -80,7 +84,7 @@ _DECODABLE_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP'})
 _CACHE_VERSION = 1
 # Why a file under the root is not an example (FolderSource.skipped_counts).
 SKIP_REASONS = ('outside a class folder', 'hidden', 'not an image extension',
-                'empty', 'unreadable', 'undecodable')
+                'linked twice', 'empty', 'unreadable', 'undecodable')
 _EMPTY = 'the file is empty'
 _FIX = ('remove it or set config.skip_corrupt_images=True to skip such files')
 _SLICE_RE = re.compile(
@@ -108,6 +112,50 @@ def _subdirs(path: str) -> List[str]:
   with os.scandir(path) as it:
     return sorted(e.name for e in it
                   if not _is_hidden(e.name) and e.is_dir(follow_symlinks=True))
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _follow_dir(link: str, cls_dir: str, root: str) -> bool:
+  """Whether the walk enters the folder `link` (a symbolic link or not).
+
+  Each real folder is visited once and keeps the label of the class folder it is
+  reached from: a link back to a folder above it (a loop) and a link to another
+  part of the dataset (which would give its images a second label) are refused.
+  A link out of the dataset is followed (once: see `_claim`).
+  """
+  if not os.path.islink(link):
+    return True
+  real = os.path.realpath(link)
+  if _inside(os.path.realpath(os.path.dirname(link)), real):
+    raise ValueError(
+        f'Dataset folder {root}: {link} is a symbolic link to {real}, which contains '
+        'it (a loop that would list the same images again and again); remove the link.')
+  real_root, real_cls = os.path.realpath(root), os.path.realpath(cls_dir)
+  if _inside(real, real_root) and not _inside(real, real_cls):
+    raise ValueError(
+        f'Dataset folder {root}: {link} is a symbolic link to {real}, another part of '
+        'the same dataset, so its images would count under two labels; remove the '
+        'link or copy the images.')
+  return True
+
+
+def _claim(real_files: Dict[str, str], path: str, cls_dir: str) -> bool:
+  """Records the real file behind `path` for its class folder; False if that class
+  already has it (two links to one file: it counts once). The same real file under
+  two class folders is refused: it would have two labels."""
+  real = os.path.realpath(path)
+  owner = real_files.get(real)
+  if owner is None:
+    real_files[real] = cls_dir
+    return True
+  if owner != cls_dir:
+    raise ValueError(
+        f'Image {real} is reached from two class folders, {owner} and {cls_dir} '
+        '(through symbolic links), so it has no single label; keep it in one.')
+  return False
 
 
 def _clean_reason(exc: BaseException, path: str) -> str:
@@ -232,6 +280,7 @@ class FolderSource:
             skipped['hidden' if _is_hidden(e.name)
                     else 'outside a class folder'] += 1
     for split, split_dir in sorted(split_dirs.items()):
+      real_files: Dict[str, str] = {}  # Real path -> the class folder that has it.
       classes = _subdirs(split_dir)
       if not classes:
         if self.has_split_folders:
@@ -252,16 +301,21 @@ class FolderSource:
         cls_dir = os.path.join(split_dir, cls)
         rel: List[str] = []
         for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
-          dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+          dirnames[:] = sorted(
+              d for d in dirnames if not _is_hidden(d) and
+              _follow_dir(os.path.join(dirpath, d), cls_dir, root))
           scanned_dirs.append((os.path.relpath(dirpath, root),
                                os.stat(dirpath).st_mtime_ns))
           for fn in filenames:
+            path = os.path.join(dirpath, fn)
             if _is_hidden(fn):
               skipped['hidden'] += 1
             elif os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
               skipped['not an image extension'] += 1
+            elif _claim(real_files, path, cls_dir):
+              rel.append(os.path.relpath(path, root))
             else:
-              rel.append(os.path.relpath(os.path.join(dirpath, fn), root))
+              skipped['linked twice'] += 1
         rel.sort()
         if not rel:
           raise ValueError(
