@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from mixer_jax import augment
 from mixer_jax import errors
+from mixer_jax.datasets import decode
 
 FOLDER_PREFIX = "folder:"
 # Datasets whose preparation needs no download: built here on first use.
@@ -359,17 +360,6 @@ def describe_splits(source, info: DatasetInfo, config) -> None:
 
 
 # ----------------------------------------------------------------- preprocessing
-def _decode(encoded):
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
-
-
-def _resize(image, size):
-  image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
 def _to_model_range(image):
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
@@ -386,13 +376,13 @@ def preprocess_train(example, seed, config, num_classes):
   crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   size = config.image_size
   if config.train_crop == "inception":
-    image = _resize(augment.decode_and_inception_crop(example["image"], crop_seed), size)
+    image = decode.resize(augment.decode_and_inception_crop(example["image"], crop_seed), size)
   elif config.train_crop == "resize":
-    image = _resize(_decode(example["image"]), size)
+    image = decode.resize(decode.decode_rgb(example["image"]), size)
   elif config.train_crop in ("pad", "none"):
     # Images already at image_size (the 8x8 digits, Fashion-MNIST): decode, and with
     # "pad" shift by up to train_crop_padding pixels.
-    image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
+    image = tf.ensure_shape(decode.decode_rgb(example["image"]), [size, size, 3])
     if config.train_crop == "pad":
       image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
   else:
@@ -408,7 +398,7 @@ def preprocess_train(example, seed, config, num_classes):
 
 
 def preprocess_eval(example, config, num_classes):
-  image = _decode(example["image"])
+  image = decode.decode_rgb(example["image"])
   size = config.image_size
   if config.eval_preprocess == "resize_crop":
     # Shorter side to size / crop_fraction (256 for 224), then the central size x size.
@@ -423,7 +413,7 @@ def preprocess_eval(example, config, num_classes):
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     image.set_shape([size, size, 3])
   elif config.eval_preprocess == "resize":
-    image = _resize(image, size)
+    image = decode.resize(image, size)
   else:
     raise errors.DataError(f"Unknown config.eval_preprocess {config.eval_preprocess!r}; use "
                     "resize_crop or resize.")

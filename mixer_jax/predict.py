@@ -7,9 +7,10 @@ PATH is a released-layout `.npz`, a timm-layout `.safetensors` (what
 codebase (read with `checkpoint.load_params`, which checks a file's every key, shape
 and dtype before anything is compiled).
 
-Preprocessing (kept simple, as in the released fine-tuning code's evaluation): decode
-with PIL and convert to RGB, resize straight to image_size x image_size (bilinear,
-no aspect-preserving crop), scale to [-1, 1]. `--image_size` defaults to the
+Preprocessing (kept simple, as in the released fine-tuning code's evaluation): the
+pipelines' own decode (datasets/decode.py: the same pixels as training and evaluate),
+resize straight to image_size x image_size (bilinear, no aspect-preserving crop), scale
+to [-1, 1]. `--image_size` defaults to the
 checkpoint's resolution; a token-mixing model only runs at that resolution, so another
 value is refused.
 
@@ -38,6 +39,7 @@ from absl import app, flags, logging
 from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import paths
+from mixer_jax.datasets import decode
 
 BATCH_SIZE = 32
 
@@ -106,17 +108,14 @@ def class_names(info: Dict[str, Any], num_classes: int) -> List[str]:
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
-  """(image_size, image_size, 3) float32 in [-1, 1]; errors.PredictError if unreadable."""
-  from PIL import Image, UnidentifiedImageError
+  """(image_size, image_size, 3) float32 in [-1, 1]: the pipelines' decode and resize
+  (datasets/decode.py), so a file gives the pixels training and evaluation see;
+  errors.PredictError if unreadable."""
   try:
-    with Image.open(path) as img:
-      img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-      arr = np.asarray(img, dtype=np.float32)
-  except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-    raise errors.PredictError(f"Cannot read image {path} ({reason}); pass a readable image "
-                       "file (JPEG, PNG, ...).") from None
-  return arr / 127.5 - 1.0
+    pixels = decode.load_rgb(path)
+  except ValueError as e:
+    raise errors.PredictError(str(e)) from None
+  return decode.resize(pixels, image_size).numpy().astype(np.float32) / 127.5 - 1.0
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

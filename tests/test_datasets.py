@@ -418,7 +418,7 @@ def test_fashion_mnist_prepares_offline_from_idx_files(tmp_path):
   # indices follow the record order, which TFDS shuffles by key).
   examples = source.examples('train', in_memory=True)
   position = int(np.flatnonzero(_load_split(source.builder, 'train')['id'] == 2)[0])
-  rgb = input_pipeline._decode(
+  rgb = input_pipeline.decode.decode_rgb(
       examples.lookup(tf.constant(position, tf.int64))['image']).numpy()
   images, _ = _fashion_arrays('train')
   for channel in range(3):

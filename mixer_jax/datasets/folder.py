@@ -73,6 +73,8 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from mixer_jax.datasets.decode import decode_rgb  # pylint: disable=unused-import
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 SPLIT_ALIASES = {
     'train': 'train',
@@ -90,18 +92,6 @@ _FIX = ('remove it or set config.skip_corrupt_images=True to skip such files')
 _SLICE_RE = re.compile(
     r'^\s*(?P<name>[A-Za-z_]+)\s*'
     r'(?:\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<stop>-?\d+%?)?\s*\])?\s*$')
-
-
-def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
-  """Decodes JPEG/PNG/BMP/GIF bytes to uint8 [H, W, 3]; works in tf.data.
-
-  Grayscale and palette images become RGB, alpha is dropped, animated GIFs
-  give their first frame.
-  """
-  image = tf.io.decode_image(
-      encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
 
 
 def _is_hidden(name: str) -> bool:
