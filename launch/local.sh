@@ -13,7 +13,8 @@ usage() {
   cat <<EOF
 Usage: $PROG --num_processes N [--devices_per_process D] [--port PORT] [--log_dir DIR] [--dry-run] -- MAIN_ARGS...
 
-Start N CPU processes of '\${PYTHON:-python} -m mixer_jax.main MAIN_ARGS...' on
+Start N CPU processes of '\$PYTHON -m mixer_jax.main MAIN_ARGS...' (PYTHON: the
+repository's .venv/bin/python when it exists, else python) on
 localhost (from the repo root). Process i also gets
   --coordinator_address=localhost:PORT --num_processes=N --process_id=i
 and the environment JAX_PLATFORMS=cpu and
@@ -64,6 +65,10 @@ parse_options "--num_processes --num-processes --devices_per_process --devices-p
 [[ -n $LOG_DIR ]] || die "--log_dir must not be empty"
 refuse_process_flags " after '--': $PROG sets it" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}
 
+# The repository's venv (what the README's setup makes) unless PYTHON names another.
+if [[ -z ${PYTHON:-} && -x $REPO_DIR/.venv/bin/python ]]; then
+  PYTHON=$REPO_DIR/.venv/bin/python
+fi
 PYTHON=${PYTHON:-python}
 XLA_FLAGS_VALUE="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
 COORDINATOR="localhost:$PORT"

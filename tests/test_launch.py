@@ -333,7 +333,10 @@ def test_local_dry_run():
     for i, tokens in enumerate(procs):
         assert tokens[:3] == ["env", "JAX_PLATFORMS=cpu",
                               "XLA_FLAGS=--xla_force_host_platform_device_count=2"]
-        assert tokens[3:6] == ["python", "-m", "mixer_jax.main"]
+        # The repository's venv (the README's setup makes it), else plain python: the
+        # README's commands work without activating anything.
+        venv = REPO / ".venv" / "bin" / "python"
+        assert tokens[3:6] == [str(venv) if venv.exists() else "python", "-m", "mixer_jax.main"]
         assert has_subsequence(tokens, ["--workdir=/tmp/w", *MAIN_ARGS])
         assert "--coordinator_address=localhost:23456" in tokens
         assert "--num_processes=3" in tokens
