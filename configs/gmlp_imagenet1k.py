@@ -8,7 +8,7 @@ from 0. The values not confirmed against the gMLP paper: docs/recipes.md.
 Argument: gmlp_ti16, gmlp_s16 (default) or gmlp_b16.
 
 Expected top-1 (gMLP paper / timm): gmlp_ti16 72.3, gmlp_s16 79.6, gmlp_b16 81.6.
-Hardware/time: 375,292 steps of 1024 images (300 epochs); an accelerator pod (not run
+Hardware/time: 375,341 steps of 1024 images (300 epochs); an accelerator pod (not run
 here).
 
   python -m mixer_jax.main --config=configs/gmlp_imagenet1k.py:gmlp_s16 \
