@@ -1,7 +1,10 @@
 """Every config key the trainer reads, with its default. Configs start from this.
 
 Keys absent here are rejected on the command line by ml_collections, so a typo such
-as `--config.batchsize=8` fails at once instead of being ignored.
+as `--config.batchsize=8` fails at once instead of being ignored. The keys stay flat
+(`config.batch_size`); the section headers below only group them. Recipes (the other
+files here) set what their paper or dataset changes; what a default is, and what a
+recipe sets, is listed per config in docs/recipes.md.
 """
 
 import ml_collections
@@ -9,9 +12,9 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
 
-  # Data: any TFDS dataset by name, or "folder:/path" (class-per-subfolder images).
+  # ---------------------------------------------------------------- data
+  # Any TFDS dataset by name, or "folder:/path" (class-per-subfolder images).
   c.dataset = "mixer_digits"
   c.data_dir = ""               # TFDS data dir; "" = TFDS's default (~/tensorflow_datasets).
   c.manual_dir = ""             # TFDS manual dir (imagenet2012: the two ILSVRC tar files).
@@ -52,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.0           # Paper ImageNet-1k: 0.5.
   c.cutmix_alpha = 0.0          # CutMix Beta(a, a); with mixup on, one of the two per batch.
 
-  # Optimiser (optim.py): clip -> Adam or momentum SGD -> decoupled weight decay -> lr.
+  # ----------------------------------------------------------- optimiser
+  # optim.py: clip -> Adam or momentum SGD -> decoupled weight decay -> lr.
   c.optimizer = "adam"          # "adam" | "sgd" (momentum) | "lamb" (ResMLP's).
   c.b1 = 0.9
   c.b2 = 0.999
@@ -60,35 +64,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 0.0          # Decoupled, multiplied by the lr (AdamW); kernels only.
   c.grad_clip_norm = 1.0        # 0 = no clipping.
-  c.learning_rate = 1e-3
-  c.warmup_steps = 10_000
+
+  # ------------------------------------------------------------ schedule
+  c.learning_rate = 1e-3        # Peak, reached after the warmup.
+  c.warmup_steps = 0            # Linear from 0; the paper's pre-training: 10,000.
   c.lr_decay = "linear"         # "linear" | "cosine" | "constant" after warmup.
   c.end_learning_rate = 0.0
-
-  # Steps and batching.
   c.batch_size = 4096           # Global, over all processes and devices.
   c.grad_accum_steps = 1        # Micro-batches per update (batch_size / this each).
   c.num_train_steps = 0         # > 0 wins over num_epochs.
   c.num_epochs = 300.0
+
+  # ----------------------------------------------------------------- run
+  c.seed = 0
   c.eval_batch_size = 0         # 0 = batch_size / grad_accum_steps.
   c.log_every_steps = 100
   c.eval_every_steps = 5_000    # Also evaluates at the end.
   c.checkpoint_every_steps = 1_000
   c.keep_checkpoints = 3
   c.nonfinite = "stop"          # "stop" (exit non-zero, keep last good checkpoint) | "skip".
-
-  # Initialisation from a released .npz or a checkpoint of ours (fine-tuning).
-  c.init_from = ""
-
+  c.init_from = ""              # A released .npz or a workdir of ours (fine-tuning).
+  # Few-shot linear probes on pre-logits during training (0 = off).
+  c.fewshot_every_steps = 0
+  c.fewshot_shots = (1, 5, 10)
+  c.fewshot_train_split = ""    # Pool of the few-shot examples; "" = train_split.
   # Scale-out (sharding.py).
   c.sharding = "replicate"      # "replicate" | "fsdp".
   c.mesh_model = 1              # Size of the second ("model") mesh axis.
   # Arrays with fewer elements stay replicated under fsdp. 2^16 shards the token-mixing
   # kernels of L/16 and H/14 too, so memory falls ~N-fold (README memory table).
   c.fsdp_min_size = 2 ** 16
-
-  # Few-shot linear probes on pre-logits during training (0 = off).
-  c.fewshot_every_steps = 0
-  c.fewshot_shots = (1, 5, 10)
-  c.fewshot_train_split = ""    # Pool of the few-shot examples; "" = train_split.
   return c

@@ -1,7 +1,7 @@
 """ImageNet pre-training defaults: an alias of configs/imagenet1k_pretrain.py.
 
-The paper's ImageNet-1k recipe (Table 4; see that file for every value, the
-expected 76.44% top-1 of Mixer-B/16 and the TPU / GPU commands). Same argument:
+The paper's ImageNet-1k recipe (Table 4; that file has its values and the expected
+76.44% top-1 of Mixer-B/16, docs/recipes.md the TPU / GPU commands). Same argument:
 
   python -m mixer_jax.main --config=configs/imagenet.py:B/16 --workdir=/ckpt/b16
 

@@ -4,6 +4,7 @@ dataset (finetune.py, Appendix B), including `--config=configs/finetune.py:folde
 on the command line."""
 
 import math
+import pathlib
 import sys
 
 import pytest
@@ -177,3 +178,118 @@ def test_fashion_mnist_configs():
   assert long.num_epochs > short.num_epochs
   with pytest.raises(ValueError, match=r"^Unknown setting 'x' in configs/fashion_mnist.py:x"):
     fashion_mnist.get_config("x")
+
+
+# ------------------------------------------------------------- inheritance
+def _flat(config, prefix=""):
+  out = {}
+  for key, value in config.items():
+    out.update(_flat(value, f"{prefix}{key}.") if hasattr(value, "items")
+               else {prefix + key: value})
+  return out
+
+
+def _differs(child, parent):
+  a, b = _flat(child), _flat(parent)
+  return {k for k in a if a[k] != b[k]}
+
+
+def test_imagenet21k_is_imagenet1k_plus_its_table4_rows():
+  for variant in imagenet1k_pretrain.VARIANTS:
+    differs = _differs(imagenet21k_pretrain.get_config(variant),
+                       imagenet1k_pretrain.get_config(variant))
+    # Mixer-L's mixup is 0.5 on both datasets, so it is not among L's differences.
+    assert differs - {"mixup_alpha"} == {
+        "dataset", "train_split", "eval_split", "randaugment_magnitude", "head_bias_init",
+        "eval_every_steps", "checkpoint_every_steps"}
+
+
+def test_resmlp_and_gmlp_are_the_deit_recipe_plus_what_their_papers_change():
+  from configs import deit, gmlp_imagenet1k, resmlp_imagenet1k
+  d = deit.get_config("gmlp_s16")
+  # DeiT Table 9 / facebookresearch/deit main.py defaults (REFERENCE.md's families).
+  assert (d.optimizer, d.learning_rate, d.weight_decay, d.eps, d.grad_clip_norm) == (
+      "adam", 1e-3, 0.05, 1e-8, 0.0)
+  assert (d.batch_size, d.num_epochs, d.lr_decay, d.end_learning_rate) == (
+      1024, 300.0, "cosine", 1e-5)
+  assert (d.randaugment_layers, d.randaugment_magnitude, d.model.stoch_depth) == (2, 27, 0.1)
+  for variant, rate in (("gmlp_ti16", 0.0), ("gmlp_s16", 0.05), ("gmlp_b16", 0.2)):
+    c = gmlp_imagenet1k.get_config(variant)
+    assert c.model.stoch_depth == rate
+    assert _differs(c, deit.get_config(variant)) <= {"model.stoch_depth"}
+  for variant in resmlp_imagenet1k.VARIANTS:
+    c = resmlp_imagenet1k.get_config(variant)
+    assert c.eval_crop_fraction == 0.9 and (c.eps, c.num_epochs) == (1e-6, 400.0)
+    assert c.model.stoch_depth == (0.05 if variant == "resmlp_12" else 0.1)
+    assert _differs(c, deit.get_config(variant)) - {"model.stoch_depth"} == {
+        "eval_crop_fraction", "optimizer", "eps", "weight_decay", "learning_rate",
+        "num_epochs"}
+  with pytest.raises(ValueError, match=r"^configs/deit.py needs a variant: "):
+    deit.get_config()
+
+
+def test_the_base_defaults_are_neutral():
+  """No warmup, augmentation or regulariser unless a recipe asks for it."""
+  c = common.base_config()
+  assert c.warmup_steps == 0 and c.weight_decay == 0.0 and c.label_smoothing == 0.0
+  assert (c.randaugment_layers, c.mixup_alpha, c.cutmix_alpha) == (0, 0.0, 0.0)
+  assert (c.model.stoch_depth, c.model.dropout, c.loss, c.head_bias_init) == (
+      0.0, 0.0, "softmax", 0.0)
+  assert (c.init_from, c.fewshot_every_steps, c.sharding) == ("", 0, "replicate")
+
+
+def test_the_demo_recipes_hold_their_documented_values():
+  from configs import default, fashion_mnist
+  d = default.get_config()
+  assert (d.dataset, d.image_size, d.batch_size, d.num_train_steps) == (
+      "mixer_digits", 8, 128, 600)
+  assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.lr_decay) == (
+      3e-3, 1e-4, 100, "cosine")
+  assert (d.train_crop, d.train_flip) == ("none", False)
+  short, long = fashion_mnist.get_config(), fashion_mnist.get_config("long")
+  for c in (short, long):
+    assert (c.optimizer, c.learning_rate, c.weight_decay, c.label_smoothing) == (
+        "adam", 2e-3, 0.05, 0.1)
+    assert (c.batch_size, c.lr_decay, c.grad_clip_norm) == (128, "cosine", 1.0)
+    assert (c.model.num_blocks, c.model.hidden_dim, c.model.tokens_mlp_dim,
+            c.model.channels_mlp_dim) == (8, 128, 64, 256)
+  assert (short.num_epochs, short.warmup_steps, short.model.stoch_depth) == (24, 500, 0.0)
+  assert (long.num_epochs, long.warmup_steps, long.model.stoch_depth) == (64, 1000, 0.1)
+
+
+# One call per argument each config file accepts (recorded.py needs a workdir: see
+# test_run_record).
+ARGS = {"default": ("mixer", "resmlp", "gmlp"), "fashion_mnist": ("", "long"),
+        "finetune": tuple(finetune.DATASETS), "deit": ("B/16", "gmlp_s16"),
+        "gmlp_imagenet1k": ("gmlp_ti16", "gmlp_s16", "gmlp_b16"),
+        "resmlp_imagenet1k": ("resmlp_12", "resmlp_24", "resmlp_36", "resmlp_big_24"),
+        "imagenet": imagenet1k_pretrain.VARIANTS,
+        "imagenet1k_pretrain": imagenet1k_pretrain.VARIANTS,
+        "imagenet21k_pretrain": imagenet1k_pretrain.VARIANTS}
+
+
+def test_every_config_sets_only_keys_of_the_base():
+  """The trainer refuses a key the base lacks (errors.require_known_keys); no recipe may
+  set one, whatever it inherits from."""
+  import importlib
+  known = set(_flat(common.base_config()))
+  recipes = {p.stem for p in pathlib.Path(REPO, "configs").glob("*.py")} - {"__init__", "common",
+                                                                  "recorded"}
+  assert recipes == set(ARGS)
+  for name, args in ARGS.items():
+    module = importlib.import_module(f"configs.{name}")
+    for arg in args:
+      assert set(_flat(module.get_config(arg))) == known, (name, arg)
+
+
+def test_recipe_files_are_short_with_a_short_docstring_and_a_command():
+  import ast
+  for path in sorted(pathlib.Path(REPO, "configs").glob("*.py")):
+    if path.stem in ("__init__", "common"):
+      continue
+    text = path.read_text()
+    assert len(text.splitlines()) <= 60, path.name
+    node = ast.parse(text).body[0]
+    assert isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant), path.name
+    assert node.end_lineno - node.lineno + 1 <= 20, path.name
+    assert f"--config=configs/{path.name}" in node.value.value, path.name
