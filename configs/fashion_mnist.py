@@ -20,7 +20,7 @@ budget on a 2-core CPU, where the model's matmuls are the whole cost):
   tokens, too coarse for the collar and sleeve details that tell a shirt from a T-shirt.
 - Width 128, 8 blocks, token MLP 64, channel MLP 256 (2x, not the paper's 4x;
   590,354 parameters): the channel MLPs are most of the FLOPs, and at 2x a step costs
-  0.78 of a step at 3x (617 against 483 images/s, `mixer_jax.benchmark`, two devices).
+  0.78 of a step at 3x (617 against 483 images/s, `mixer_jax.tools.benchmark`, two devices).
   The budget is the limit, not the model's capacity: eval accuracy still rises at the
   last evaluation, so the saving goes into epochs. 24 epochs at 2x beat 19 at 3x on
   each of seeds 0, 1 and 2, by 0.27, 0.46 and 0.53 points.

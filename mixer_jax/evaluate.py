@@ -25,7 +25,7 @@ The split is --split if given, else `validation` for imagenet2012(_real), `test`
 imagenet_v2 and config.eval_split otherwise.
 
 Every example is counted exactly once on any number of devices and hosts: the last
-batch is padded with masked examples, never dropped (evaluation.Evaluator).
+batch is padded with masked examples, never dropped (evaluator.Evaluator).
 
 Image size: the checkpoint's own (a token-mixing layer only runs at the token count
 it was trained with). `--config.image_size` may name it explicitly; another value is
@@ -68,7 +68,7 @@ from absl import logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
-from mixer_jax import evaluation
+from mixer_jax import evaluator
 from mixer_jax import host_memory
 from mixer_jax import paths
 from mixer_jax import input_pipeline
@@ -225,7 +225,7 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
                checkpoint_path, info["model"], f"{setup.num_params:,}", data.name, split,
                data.num_examples[split], size, jax.device_count())
   params = setup.place_params(params)
-  metrics = evaluation.Evaluator(setup.eval_step(confusion=confusion), config, source, split,
+  metrics = evaluator.Evaluator(setup.eval_step(confusion=confusion), config, source, split,
                                  num_classes, mesh, eval_batch)(params)
 
   result = {"dataset": data.name, "split": split,
@@ -245,10 +245,10 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
                             for i, n in enumerate(names)}
     result["most_confused"] = [
         {"true": t, "predicted": p, "count": n, "share_of_true": s}
-        for t, p, n, s in evaluation.most_confused(matrix, names)]
+        for t, p, n, s in evaluator.most_confused(matrix, names)]
   if fewshot:
     features_params = {k: v for k, v in params.items() if k != "head"}
-    result.update(evaluation.fewshot_metrics(setup.feature_model(), features_params, config, source,
+    result.update(evaluator.fewshot_metrics(setup.feature_model(), features_params, config, source,
                                              fewshot_train_split, split, data.num_classes,
                                              mesh, eval_batch))
   return result

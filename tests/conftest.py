@@ -81,7 +81,7 @@ def config_flags(data_dir, **overrides):
 
 def read_metrics(workdir):
   """Every row of WORKDIR/metrics.jsonl as written, repeats included (a run that started
-  over logs a step twice; mixer_jax.plot.read_metrics keeps the last)."""
+  over logs a step twice; mixer_jax.tools.plot.read_metrics keeps the last)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 

@@ -1,10 +1,10 @@
 r"""Per-device memory of the train step on N devices, from a compile that never runs.
 
-  python -m mixer_jax.memory --config=configs/imagenet21k_pretrain.py:L/16 \
+  python -m mixer_jax.tools.memory --config=configs/imagenet21k_pretrain.py:L/16 \
       --num_devices=256 --num_classes=21843
-  python -m mixer_jax.memory --config=configs/default.py --num_devices=8 \
+  python -m mixer_jax.tools.memory --config=configs/default.py --num_devices=8 \
       --config.fsdp_min_size=0 --strategies=replicate,fsdp
-  python -m mixer_jax.memory --config=configs/imagenet21k_pretrain.py:L/16 \
+  python -m mixer_jax.tools.memory --config=configs/imagenet21k_pretrain.py:L/16 \
       --config.model.variant=H/14 --num_classes=21843 --num_devices=64 \
       --config.model.scan=True --remat_policies=none,full,dots_saveable
 
@@ -78,7 +78,7 @@ def ensure_devices(num_devices: int, argv) -> None:
   if jax.device_count() == num_devices and jax.devices()[0].platform == "cpu":
     return
   # JAX already started with other devices (its device count is fixed at start-up).
-  os.execve(sys.executable, [sys.executable, "-m", "mixer_jax.memory"] + list(argv[1:]),
+  os.execve(sys.executable, [sys.executable, "-m", "mixer_jax.tools.memory"] + list(argv[1:]),
             simulation_env(num_devices))
 
 
@@ -173,7 +173,7 @@ def run(config, num_devices: int, num_classes: int, strategies, remat_policies=(
   from mixer_jax import models, sharding
   if jax.device_count() != num_devices:
     raise errors.MemoryToolError(f"JAX has {jax.device_count()} devices, not --num_devices="
-                       f"{num_devices}; run `python -m mixer_jax.memory` (it sets them up).")
+                       f"{num_devices}; run `python -m mixer_jax.tools.memory` (it sets them up).")
   for strategy in strategies:
     if strategy not in sharding.STRATEGIES:
       raise errors.MemoryToolError(f"Unknown strategy {strategy!r} in --strategies; use "

@@ -1,9 +1,9 @@
 r"""Throughput of the Mixer train step, eval forward and input pipeline on this machine.
 
-  python -m mixer_jax.benchmark --variant=S/32 --batch_size=32 --mode=train
-  python -m mixer_jax.benchmark --variant=B/16 --batch_size=256 --mode=eval --dtype=bfloat16
-  python -m mixer_jax.benchmark --mode=input         # tf.data alone, images/s per core
-  python -m mixer_jax.benchmark --mode=end_to_end    # tf.data feeding the train step
+  python -m mixer_jax.tools.benchmark --variant=S/32 --batch_size=32 --mode=train
+  python -m mixer_jax.tools.benchmark --variant=B/16 --batch_size=256 --mode=eval --dtype=bfloat16
+  python -m mixer_jax.tools.benchmark --mode=input         # tf.data alone, images/s per core
+  python -m mixer_jax.tools.benchmark --mode=end_to_end    # tf.data feeding the train step
 
 Each timed figure is the median over `--steps` steps after `--warmup` untimed ones (the
 first compiles). The train step is the one `main` runs (steps.make_train_step: forward,
@@ -71,7 +71,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   from mixer_jax.models import blocks
   positive, natural = _at_least(1), _at_least(0)
-  p = _Parser(prog="python -m mixer_jax.benchmark", description=__doc__.split("\n")[0])
+  p = _Parser(prog="python -m mixer_jax.tools.benchmark", description=__doc__.split("\n")[0])
   p.add_argument("--mode", default="train", choices=MODES)
   p.add_argument("--variant", default="S/32",
                  help="Model variant, e.g. S/32, B/16 (Mixer), resmlp_12, gmlp_s16.")

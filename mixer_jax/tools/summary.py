@@ -1,9 +1,9 @@
 r"""Parameter table, total count and FLOPs per image of a model variant.
 
-  python -m mixer_jax.summary --variant=B/16
-  python -m mixer_jax.summary --variant=S/32 --image_size=224 --num_classes=1000
-  python -m mixer_jax.summary --variant=resmlp_12 --notable
-  python -m mixer_jax.summary --variant=gmlp_s16 --notable
+  python -m mixer_jax.tools.summary --variant=B/16
+  python -m mixer_jax.tools.summary --variant=S/32 --image_size=224 --num_classes=1000
+  python -m mixer_jax.tools.summary --variant=resmlp_12 --notable
+  python -m mixer_jax.tools.summary --variant=gmlp_s16 --notable
 
 Nothing is allocated: shapes come from `jax.eval_shape`, FLOPs from XLA's cost
 analysis of the compiled forward pass for one image.
