@@ -67,6 +67,7 @@ from absl import flags
 from absl import logging
 
 from mixer_jax import checkpoint
+from mixer_jax import datasets
 from mixer_jax import errors
 from mixer_jax import evaluator
 from mixer_jax import host_memory
@@ -164,9 +165,7 @@ def _tfds_classes_before_preparing(config) -> Optional[int]:
   if config.dataset.startswith(input_pipeline.FOLDER_PREFIX):
     return None
   try:
-    import tensorflow_datasets as tfds
-    from mixer_jax.datasets import digits  # noqa: F401  Registers `mixer_digits`.
-    features = tfds.builder(config.dataset, data_dir=config.data_dir or None).info.features
+    features = datasets.builder(config.dataset, config.data_dir).info.features
     label = features["label"] if "label" in features else features["original_label"]
     return int(label.num_classes)
   except Exception:  # Unknown names and odd datasets: get_source says what is wrong.
