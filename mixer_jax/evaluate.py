@@ -97,10 +97,10 @@ def resolve_image_size(path: str, info: Dict[str, Any], num_tokens: int,
   native = info.get("image_size") or (side * patch if side * side == num_tokens else None)
   size = int(requested or native or 0)
   if size <= 0:
-    raise errors.EvaluateError(f"Checkpoint {path} does not record its image size; pass "
+    raise errors.CheckpointError(f"Checkpoint {path} does not record its image size; pass "
                         "--config.image_size.")
   if size % patch or (size // patch) ** 2 != num_tokens:
-    raise errors.EvaluateError(
+    raise errors.CheckpointError(
         f"--config.image_size={size} does not fit checkpoint {path}, whose token-mixing "
         f"layers take {num_tokens} tokens of {patch}x{patch} px, i.e. image size {native}; "
         f"evaluate at {native} (or leave image_size out), or fine-tune at {size} first "
@@ -112,17 +112,17 @@ def check_classes(path: str, checkpoint_classes: int, dataset: str, dataset_clas
                   config_classes: int = 0) -> None:
   """The head must have one logit per dataset class (or config.num_classes if set)."""
   if checkpoint_classes <= 0:
-    raise errors.EvaluateError(f"Checkpoint {path} has no classification head (a features model), "
+    raise errors.CheckpointError(f"Checkpoint {path} has no classification head (a features model), "
                         "so it cannot be evaluated on labels; fine-tune it first "
                         "(configs/finetune.py).")
   if config_classes and config_classes < dataset_classes:
-    raise errors.EvaluateError(f"config.num_classes={config_classes} is smaller than the "
+    raise errors.ConfigError(f"config.num_classes={config_classes} is smaller than the "
                         f"{dataset_classes} classes of {dataset}; set it to 0.")
   expected = config_classes or dataset_classes
   if checkpoint_classes != expected:
     what = (f"config.num_classes is {expected}" if config_classes else
             f"dataset {dataset} has {dataset_classes} classes")
-    raise errors.EvaluateError(
+    raise errors.CheckpointError(
         f"Checkpoint {path} has a {checkpoint_classes}-class head but {what}; evaluate it on "
         f"the dataset it was trained for, or fine-tune it on {dataset} first "
         "(configs/finetune.py).")
@@ -149,7 +149,7 @@ def check_class_names(path: str, checkpoint_names, dataset: str, dataset_names) 
   i = differ[0]
   what = ("orders the same classes differently from" if set(a) == set(b) else
           "names other classes than")
-  raise errors.EvaluateError(
+  raise errors.CheckpointError(
       f"Checkpoint {path} {what} dataset {dataset} (label {i} is {a[i]!r} in the checkpoint "
       f"but {b[i]!r} in the dataset), so its accuracy would count the wrong classes; evaluate "
       "on data with the checkpoint's classes in its order, or, if the labels do mean the same "
@@ -297,13 +297,13 @@ def define_flags():
 def _run():
   from ml_collections import config_flags
   if FLAGS.config is None:
-    raise errors.EvaluateError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
+    raise errors.ConfigError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
   from configs import common
   errors.require_known_keys(FLAGS.config, common.base_config(),
                             FLAGS["config"].config_filename)
   if not FLAGS.checkpoint:
-    raise errors.EvaluateError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
+    raise errors.ConfigError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
   from mixer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax

@@ -48,7 +48,7 @@ def test_defaults_are_the_issue_setting():
     (["--no_such_flag=1"], "Unrecognized arguments: --no_such_flag=1"),
 ])
 def test_bad_flags_raise_one_sentence(argv, fragment):
-  with pytest.raises(errors.BenchmarkError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     benchmark.parse_args(argv)
   assert fragment in str(e.value) and "\n" not in str(e.value)
 

@@ -89,7 +89,7 @@ def test_cli_unreadable_image(files):
   assert "Traceback" not in r.stderr
   err = r.stderr.strip().splitlines()
   assert len(err) == 1 and files["bad"] in err[0] and "Cannot read image" in err[0]
-  with pytest.raises(errors.PredictError, match="missing.png"):
+  with pytest.raises(errors.DataError, match="missing.png"):
     predict.predict(files["ckpt10"], [str(files["dir"] / "missing.png")])
-  with pytest.raises(errors.PredictError, match="image_size=16"):
+  with pytest.raises(errors.CheckpointError, match="image_size=16"):
     predict.predict(files["ckpt10"], [files["png"]], image_size=16)

@@ -27,7 +27,7 @@ import time
 import types
 from typing import Any, Callable, Dict, List, Optional
 
-from mixer_jax.errors import BenchmarkError
+from mixer_jax.errors import ConfigError
 
 MODES = ("train", "eval", "input", "end_to_end")
 DTYPES = ("float32", "bfloat16")
@@ -64,8 +64,8 @@ def _at_least(low, kind=int) -> Callable[[str], Any]:
 
 
 class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One sentence through BenchmarkError, not argparse's exit.
-    raise BenchmarkError(f"{message[0].upper()}{message[1:]}; see --help.")
+  def error(self, message):  # One sentence through ConfigError, not argparse's exit.
+    raise ConfigError(f"{message[0].upper()}{message[1:]}; see --help.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,18 +105,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-  """Flags -> validated namespace; a bad value raises BenchmarkError (one sentence)."""
+  """Flags -> validated namespace; a bad value raises ConfigError (one sentence)."""
   args = _parser().parse_args(argv)
   if args.mode == "end_to_end" and args.warmup < 1:
-    raise BenchmarkError("--warmup must be at least 1 with --mode=end_to_end (the first "
+    raise ConfigError("--warmup must be at least 1 with --mode=end_to_end (the first "
                          "step compiles and fills the input pipeline).")
   if args.stoch_depth >= 1:
-    raise BenchmarkError(f"--stoch_depth={args.stoch_depth} must be in [0, 1).")
+    raise ConfigError(f"--stoch_depth={args.stoch_depth} must be in [0, 1).")
   # The model is checked now (variant name, patch divisibility), before anything compiles.
   from mixer_jax import models
   patch = models.variant_sizes(args.variant)["patch_size"]
   if args.image_size % patch:
-    raise BenchmarkError(f"--image_size={args.image_size} is not divisible by the patch "
+    raise ConfigError(f"--image_size={args.image_size} is not divisible by the patch "
                          f"size {patch} of {args.variant}; use a multiple of {patch}.")
   return args
 
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
   host_memory.keep_freed_memory()  # First, before JAX starts its threads.
   try:
     print(report(run(parse_args(argv))), flush=True)
-  except ValueError as e:  # BenchmarkError and the model's own shape/name errors.
+  except ValueError as e:  # ConfigError and the model's own shape/name errors.
     print(f"Error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
     return 2
   return 0

@@ -172,15 +172,15 @@ def run(config, num_devices: int, num_classes: int, strategies, remat_policies=(
   import jax
   from mixer_jax import models, sharding
   if jax.device_count() != num_devices:
-    raise errors.MemoryToolError(f"JAX has {jax.device_count()} devices, not --num_devices="
+    raise errors.ConfigError(f"JAX has {jax.device_count()} devices, not --num_devices="
                        f"{num_devices}; run `python -m mixer_jax.tools.memory` (it sets them up).")
   for strategy in strategies:
     if strategy not in sharding.STRATEGIES:
-      raise errors.MemoryToolError(f"Unknown strategy {strategy!r} in --strategies; use "
+      raise errors.ConfigError(f"Unknown strategy {strategy!r} in --strategies; use "
                          f"{', '.join(sharding.STRATEGIES)}.")
   for policy in remat_policies:
     if policy not in models.REMAT_POLICIES:
-      raise errors.MemoryToolError(f"Unknown remat policy {policy!r} in --remat_policies; use "
+      raise errors.ConfigError(f"Unknown remat policy {policy!r} in --remat_policies; use "
                                    f"{', '.join(models.REMAT_POLICIES)}.")
   mesh = sharding.make_mesh(config.mesh_model)
   num_params = build(config, num_classes, strategies[0], mesh).num_params
