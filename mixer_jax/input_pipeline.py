@@ -335,22 +335,21 @@ def _check_label(label, num_classes):
 
 
 def preprocess_train(example, seed, config, num_classes):
-  """Decode -> crop -> resize -> flip -> RandAugment -> [-1, 1]."""
+  """Decode -> crop -> resize -> flip -> RandAugment -> [-1, 1].
+
+  config.train_crop is one of state.TRAIN_CROPS (state.validate_config checks it)."""
   crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   size = config.image_size
   if config.train_crop == "inception":
     image = _resize(augment.decode_and_inception_crop(example["image"], crop_seed), size)
   elif config.train_crop == "resize":
     image = _resize(_decode(example["image"]), size)
-  elif config.train_crop in ("pad", "none"):
+  else:  # "pad" or "none"
     # Images already at image_size (the 8x8 digits, Fashion-MNIST): decode, and with
     # "pad" shift by up to train_crop_padding pixels.
     image = tf.ensure_shape(_decode(example["image"]), [size, size, 3])
     if config.train_crop == "pad":
       image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
-  else:
-    raise errors.DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize, "
-                    "pad or none.")
   if config.train_flip:
     image = augment.random_flip(image, flip_seed)
   if config.randaugment_layers > 0:
@@ -361,6 +360,7 @@ def preprocess_train(example, seed, config, num_classes):
 
 
 def preprocess_eval(example, config, num_classes):
+  """config.eval_preprocess is one of state.EVAL_PREPROCESSES (validate_config checks it)."""
   image = _decode(example["image"])
   size = config.image_size
   if config.eval_preprocess == "resize_crop":
@@ -375,11 +375,8 @@ def preprocess_eval(example, config, num_classes):
     image = image[top:top + size, left:left + size]
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     image.set_shape([size, size, 3])
-  elif config.eval_preprocess == "resize":
+  else:  # "resize"
     image = _resize(image, size)
-  else:
-    raise errors.DataError(f"Unknown config.eval_preprocess {config.eval_preprocess!r}; use "
-                    "resize_crop or resize.")
   out = {"image": _to_model_range(image), "label": _check_label(example["label"], num_classes),
          "mask": tf.constant(1.0, tf.float32)}
   if "real_label" in example:
