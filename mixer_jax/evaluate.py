@@ -65,15 +65,22 @@ from typing import Any, Dict, Optional
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow_datasets as tfds
+
+from configs import common
 
 from mixer_jax import checkpoint
 from mixer_jax import datasets
+from mixer_jax import distributed
 from mixer_jax import errors
 from mixer_jax import evaluator
 from mixer_jax import host_memory
 from mixer_jax import paths
 from mixer_jax import input_pipeline
 from mixer_jax import sharding
+from mixer_jax import state as state_lib
 
 # The split that holds the labelled evaluation images of datasets with a fixed one.
 KNOWN_SPLITS = {"imagenet2012": "validation", "imagenet2012_real": "validation",
@@ -190,9 +197,6 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     confusion: also report the confusion matrix, the most frequent mistakes and each
       class's accuracy.
   """
-  import jax
-  from mixer_jax import state as state_lib
-
   state_lib.validate_config(config)
   params, info = checkpoint.load_params(checkpoint_path)
   desc = checkpoint.describe(params)
@@ -276,7 +280,6 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defined only when run as a program (no clash with other entry points' flags)."""
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file (path[:argument]).",
                                   lock_config=True)
   flags.DEFINE_string("checkpoint", None,
@@ -295,19 +298,14 @@ def define_flags():
 
 
 def _run():
-  from ml_collections import config_flags
   if FLAGS.config is None:
     raise errors.ConfigError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
-  from configs import common
   errors.require_known_keys(FLAGS.config, common.base_config(),
                             FLAGS["config"].config_filename)
   if not FLAGS.checkpoint:
     raise errors.ConfigError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
-  from mixer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  import jax
-  import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   # Only an explicit --config.image_size counts: config files carry a default size.
   requested = FLAGS.config.image_size if "image_size" in config_flags.get_override_values(

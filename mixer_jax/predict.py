@@ -34,10 +34,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+from PIL import Image, UnidentifiedImageError
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import paths
+from mixer_jax import state
 
 BATCH_SIZE = 32
 
@@ -107,7 +111,6 @@ def class_names(info: Dict[str, Any], num_classes: int) -> List[str]:
 
 def load_image(path: str, image_size: int) -> np.ndarray:
   """(image_size, image_size, 3) float32 in [-1, 1]; errors.DataError if unreadable."""
-  from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as img:
       img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
@@ -149,9 +152,6 @@ def predict(checkpoint_path: str, image_paths: Sequence[str], top_k: int = 5,
         f"need {num_tokens} tokens of {patch}x{patch} px (image size {native or 'unknown'}).")
   images = np.stack([load_image(p, size) for p in image_paths])  # Fail fast on bad files.
 
-  import jax
-  import jax.numpy as jnp
-  from mixer_jax import state
   model = state.inference_model(info, num_classes)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
   params = jax.tree_util.tree_map(jnp.asarray, params)

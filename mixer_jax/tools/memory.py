@@ -43,6 +43,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from mixer_jax import errors
+# JAX, and every module that imports it, is imported inside the functions: the device
+# count (XLA_FLAGS) must be set before JAX starts, and ensure_devices() tells from
+# whether jax is in sys.modules if it can still set it or must re-execute the tool.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",

@@ -48,6 +48,8 @@ def read_metrics(workdir: str) -> Dict[str, List]:
 
 
 def plot(workdirs: Sequence[str], out: str, title: str = "") -> None:
+  # Imported here: choosing the Agg backend is process-wide, and importing this module
+  # (read_metrics) must not change it for the program that imports it.
   import matplotlib
   matplotlib.use("Agg")  # Files only; no display needed.
   import matplotlib.pyplot as plt

@@ -13,6 +13,8 @@ import json
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 
 from mixer_jax import checkpoint
 from mixer_jax import models
@@ -31,8 +33,6 @@ def define_flags():
 
 def forward_flops(model, image_size: int) -> float:
   """XLA's FLOP count of one forward pass on one image (multiply-add = 2)."""
-  import jax
-  import jax.numpy as jnp
   params = models.param_shapes(model, image_size)
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, image).compile()
