@@ -57,7 +57,7 @@ def parse(argv):
 # ---------------------------------------------------- one variant, one layout
 def measure(args) -> dict:
   """In this process (its devices already simulated): one variant, one layout."""
-  from mixer_jax import benchmark
+  from mixer_jax.tools import benchmark
   from mixer_jax import host_memory
   host_memory.keep_freed_memory()
   import jax

@@ -34,7 +34,7 @@ run() {
 }
 
 bench() {  # bench VARIANT MODE
-  run 60 150 "$1 $2" $PY -m mixer_jax.benchmark --variant="$1" --batch_size=256 \
+  run 60 150 "$1 $2" $PY -m mixer_jax.tools.benchmark --variant="$1" --batch_size=256 \
     --dtype=bfloat16 --mode="$2" --steps=30
 }
 

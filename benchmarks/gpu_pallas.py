@@ -15,7 +15,7 @@ needs; every result is one JSON line on stdout and in OUT/pallas.jsonl as it com
               (196608 x 196 -> 384 -> 196) forward and forward+backward, and each matmul
               kernel alone (dense_gelu; gelu_grad_matmul) with its TFLOP/s.
   3. train    Mixer-B/16, 224 px, batch 256, bfloat16: the train step main runs
-              (mixer_jax.benchmark.TrainBench), "xla" and "pallas" timed in alternating
+              (mixer_jax.tools.benchmark.TrainBench), "xla" and "pallas" timed in alternating
               windows; img/s, ms per step, MFU against the datasheet (989 TFLOP/s for
               H100 SXM and H200) and against this run's 8192^3 bf16 matmul.
   4. eval     the B/16 eval forward (ForwardBench), alike.
@@ -41,7 +41,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The repository root, where mixer_jax is not installed (a script folder is sys.path[0]).
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mixer_jax import benchmark, host_memory  # noqa: E402
+from mixer_jax import host_memory  # noqa: E402
+from mixer_jax.tools import benchmark  # noqa: E402
 
 # Pallas's Triton kernels in a lowered program (jaxlib <= 0.10.2, and later).
 _TRITON_CALL = re.compile(r"xla\.gpu\.triton|triton_kernel_call")

@@ -4,7 +4,7 @@ r"""Where the train step's (or eval forward's) time goes, kernel by kernel.
   python benchmarks/profile_step.py --out=/tmp/prof --variant=B/16 --batch_size=256 \
       --dtype=bfloat16 --mode=train
 
-Builds the same step as mixer_jax.benchmark (its flags are accepted here), runs
+Builds the same step as mixer_jax.tools.benchmark (its flags are accepted here), runs
 `--warmup` untimed steps, then traces `--profile_steps` steps with jax.profiler. Device
 time is read back from the trace: on a GPU the kernels of each stream, on a CPU the ops
 of XLA's threads. Writes to `--out`:
@@ -27,7 +27,8 @@ import os
 import re
 import sys
 
-from mixer_jax import benchmark, host_memory
+from mixer_jax import host_memory
+from mixer_jax.tools import benchmark
 
 # Kernel or op names of matrix products: cuBLAS/cuDNN/CUTLASS kernels, XLA's Triton gemm
 # fusions and custom calls, CPU library calls.

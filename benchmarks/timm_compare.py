@@ -123,10 +123,10 @@ def _page_faults() -> int:
 
 
 class OursSide:
-  """Our train step (or forward) exactly as `python -m mixer_jax.benchmark` builds it."""
+  """Our train step (or forward) exactly as `python -m mixer_jax.tools.benchmark` builds it."""
 
   def __init__(self, args):
-    from mixer_jax import benchmark
+    from mixer_jax.tools import benchmark
     import jax
     ours_args = benchmark.parse_args([f"--variant={args.variant}",
                                       f"--batch_size={args.batch_size}", f"--mode={args.mode}"])

@@ -28,6 +28,7 @@ import sys
 import threading
 import traceback
 
+from absl import logging
 import jax
 
 # Exit status of a process that stopped because it, or another process of the run,
@@ -140,7 +141,6 @@ def exit_now(error: BaseException) -> None:
     traceback.print_exception(type(error), error, error.__traceback__)
     code = 1
   try:
-    from absl import logging
     logging.flush()
   except Exception:  # Logging must not keep a failed process alive.
     pass

@@ -1,49 +1,43 @@
 """User errors at the entry points: one sentence on stderr and a non-zero exit.
 
-The loop and services raise ordinary exceptions (ValueError subclasses for anything
-a user can fix); only entry points turn them into an exit code, so nothing in the
-library calls sys.exit. `--traceback` shows the full trace instead.
+The loop and services raise these (or ValueError / FileNotFoundError); only entry
+points turn them into an exit code, so nothing in the library calls sys.exit.
+`--traceback` shows the full trace instead. Six kinds, each with its exit code:
+
+  class             what the user fixes                                  exit code
+  ConfigError       a config value, flag or command-line usage           2 USER_ERROR
+  DataError         a dataset or image that cannot be read or does not   2 USER_ERROR
+                    fit the config
+  WorkdirError      a workdir that cannot be used (lock, record, resume) 2 USER_ERROR
+  CheckpointError   a weight file or checkpoint that does not fit the    2 USER_ERROR
+                    requested model, size, classes or dataset
+  NonFiniteError    nothing: the run stopped itself (NaN/inf loss)       3 STOPPED
+  Interrupted       nothing: Ctrl-C (a checkpoint was saved, or on a     130 INTERRUPTED
+                    second Ctrl-C the run stopped at once)               (128 + SIGINT)
 """
 
+import difflib
+import re
 import sys
 
+from absl import flags
 
-# Every error a user can cause is a ValueError subclass (one sentence naming the
-# problem and the fix); entry points turn them into exit code USER_ERROR.
+
 class ConfigError(ValueError):
-  """A config value that cannot work."""
+  """A config value, flag or command-line usage that cannot work."""
+
+
+class DataError(ValueError):
+  """A dataset or image that cannot be read or does not fit the config."""
 
 
 class WorkdirError(ValueError):
   """A workdir that cannot be used."""
 
 
-class DataError(ValueError):
-  """A dataset that cannot be read or does not fit the config."""
-
-
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be used with the requested model."""
-
-
-class EvaluateError(ValueError):
-  """A checkpoint / dataset / size combination that cannot be evaluated."""
-
-
-class PredictError(ValueError):
-  """Images or a checkpoint that `predict` cannot use."""
-
-
-class FewShotError(ValueError):
-  """Few-shot settings that cannot work with the data."""
-
-
-class BenchmarkError(ValueError):
-  """A benchmark flag that cannot work."""
-
-
-class MemoryToolError(ValueError):
-  """A memory-tool flag that cannot work."""
+  """A weight file or checkpoint that cannot be used with the requested model, image
+  size, classes or dataset."""
 
 
 class NonFiniteError(RuntimeError):
@@ -54,9 +48,6 @@ class Interrupted(RuntimeError):
   """Ctrl-C: the run saved a checkpoint (or, on a second Ctrl-C, stopped at once)."""
 
 
-# Exit codes: 2 for a problem in the input (config, data, paths, checkpoints),
-# 3 for a run that stopped itself (non-finite loss), 130 for Ctrl-C (the shell's
-# 128 + SIGINT).
 USER_ERROR = 2
 STOPPED = 3
 INTERRUPTED = 130
@@ -92,7 +83,6 @@ def parse_flags(argv):
   """absl flag parsing with one sentence and exit 2 for every bad flag: unknown config
   keys, values of the wrong type, a config file's own ValueError (e.g. an unknown
   variant in `--config=configs/x.py:Q/3`). `--traceback` shows the full trace."""
-  from absl import flags
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # ml_collections raises KeyError/AttributeError/ValueError here.
@@ -108,7 +98,6 @@ def _flag_error_sentence(error: BaseException, argv) -> str:
     chain.append(e)
     e = e.__cause__ or e.__context__
   text = " ".join(str(e) for e in chain)
-  import re
   for e in chain:
     if isinstance(e, (KeyError, AttributeError)):
       keys = re.findall(r"'([A-Za-z_][A-Za-z0-9_.]*)'", str(e))
@@ -150,7 +139,6 @@ def _leaf_keys(config, prefix=""):
 def require_known_keys(config, reference, flag_value: str = ""):
   """A key that a config FILE sets but the trainer does not read (`c.batchsize = 8`) is
   refused like a command-line typo: one sentence with a did-you-mean, exit 2."""
-  import difflib
   known = _leaf_keys(reference)
   unknown = sorted(_leaf_keys(config) - known)
   if unknown:

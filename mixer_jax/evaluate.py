@@ -25,7 +25,7 @@ The split is --split if given, else `validation` for imagenet2012(_real), `test`
 imagenet_v2 and config.eval_split otherwise.
 
 Every example is counted exactly once on any number of devices and hosts: the last
-batch is padded with masked examples, never dropped (evaluation.Evaluator).
+batch is padded with masked examples, never dropped (evaluator.Evaluator).
 
 Image size: the checkpoint's own (a token-mixing layer only runs at the token count
 it was trained with). `--config.image_size` may name it explicitly; another value is
@@ -65,14 +65,22 @@ from typing import Any, Dict, Optional
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow_datasets as tfds
+
+from configs import common
 
 from mixer_jax import checkpoint
+from mixer_jax import datasets
+from mixer_jax import distributed
 from mixer_jax import errors
-from mixer_jax import evaluation
+from mixer_jax import evaluator
 from mixer_jax import host_memory
 from mixer_jax import paths
 from mixer_jax import input_pipeline
 from mixer_jax import sharding
+from mixer_jax import state as state_lib
 
 # The split that holds the labelled evaluation images of datasets with a fixed one.
 KNOWN_SPLITS = {"imagenet2012": "validation", "imagenet2012_real": "validation",
@@ -96,10 +104,10 @@ def resolve_image_size(path: str, info: Dict[str, Any], num_tokens: int,
   native = info.get("image_size") or (side * patch if side * side == num_tokens else None)
   size = int(requested or native or 0)
   if size <= 0:
-    raise errors.EvaluateError(f"Checkpoint {path} does not record its image size; pass "
+    raise errors.CheckpointError(f"Checkpoint {path} does not record its image size; pass "
                         "--config.image_size.")
   if size % patch or (size // patch) ** 2 != num_tokens:
-    raise errors.EvaluateError(
+    raise errors.CheckpointError(
         f"--config.image_size={size} does not fit checkpoint {path}, whose token-mixing "
         f"layers take {num_tokens} tokens of {patch}x{patch} px, i.e. image size {native}; "
         f"evaluate at {native} (or leave image_size out), or fine-tune at {size} first "
@@ -111,17 +119,17 @@ def check_classes(path: str, checkpoint_classes: int, dataset: str, dataset_clas
                   config_classes: int = 0) -> None:
   """The head must have one logit per dataset class (or config.num_classes if set)."""
   if checkpoint_classes <= 0:
-    raise errors.EvaluateError(f"Checkpoint {path} has no classification head (a features model), "
+    raise errors.CheckpointError(f"Checkpoint {path} has no classification head (a features model), "
                         "so it cannot be evaluated on labels; fine-tune it first "
                         "(configs/finetune.py).")
   if config_classes and config_classes < dataset_classes:
-    raise errors.EvaluateError(f"config.num_classes={config_classes} is smaller than the "
+    raise errors.ConfigError(f"config.num_classes={config_classes} is smaller than the "
                         f"{dataset_classes} classes of {dataset}; set it to 0.")
   expected = config_classes or dataset_classes
   if checkpoint_classes != expected:
     what = (f"config.num_classes is {expected}" if config_classes else
             f"dataset {dataset} has {dataset_classes} classes")
-    raise errors.EvaluateError(
+    raise errors.CheckpointError(
         f"Checkpoint {path} has a {checkpoint_classes}-class head but {what}; evaluate it on "
         f"the dataset it was trained for, or fine-tune it on {dataset} first "
         "(configs/finetune.py).")
@@ -148,7 +156,7 @@ def check_class_names(path: str, checkpoint_names, dataset: str, dataset_names) 
   i = differ[0]
   what = ("orders the same classes differently from" if set(a) == set(b) else
           "names other classes than")
-  raise errors.EvaluateError(
+  raise errors.CheckpointError(
       f"Checkpoint {path} {what} dataset {dataset} (label {i} is {a[i]!r} in the checkpoint "
       f"but {b[i]!r} in the dataset), so its accuracy would count the wrong classes; evaluate "
       "on data with the checkpoint's classes in its order, or, if the labels do mean the same "
@@ -164,9 +172,7 @@ def _tfds_classes_before_preparing(config) -> Optional[int]:
   if config.dataset.startswith(input_pipeline.FOLDER_PREFIX):
     return None
   try:
-    import tensorflow_datasets as tfds
-    from mixer_jax.datasets import digits  # noqa: F401  Registers `mixer_digits`.
-    features = tfds.builder(config.dataset, data_dir=config.data_dir or None).info.features
+    features = datasets.builder(config.dataset, config.data_dir).info.features
     label = features["label"] if "label" in features else features["original_label"]
     return int(label.num_classes)
   except Exception:  # Unknown names and odd datasets: get_source says what is wrong.
@@ -191,9 +197,6 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
     confusion: also report the confusion matrix, the most frequent mistakes and each
       class's accuracy.
   """
-  import jax
-  from mixer_jax import state as state_lib
-
   state_lib.validate_config(config)
   params, info = checkpoint.load_params(checkpoint_path)
   desc = checkpoint.describe(params)
@@ -225,7 +228,7 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
                checkpoint_path, info["model"], f"{setup.num_params:,}", data.name, split,
                data.num_examples[split], size, jax.device_count())
   params = setup.place_params(params)
-  metrics = evaluation.Evaluator(setup.eval_step(confusion=confusion), config, source, split,
+  metrics = evaluator.Evaluator(setup.eval_step(confusion=confusion), config, source, split,
                                  num_classes, mesh, eval_batch)(params)
 
   result = {"dataset": data.name, "split": split,
@@ -245,10 +248,10 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
                             for i, n in enumerate(names)}
     result["most_confused"] = [
         {"true": t, "predicted": p, "count": n, "share_of_true": s}
-        for t, p, n, s in evaluation.most_confused(matrix, names)]
+        for t, p, n, s in evaluator.most_confused(matrix, names)]
   if fewshot:
     features_params = {k: v for k, v in params.items() if k != "head"}
-    result.update(evaluation.fewshot_metrics(setup.feature_model(), features_params, config, source,
+    result.update(evaluator.fewshot_metrics(setup.feature_model(), features_params, config, source,
                                              fewshot_train_split, split, data.num_classes,
                                              mesh, eval_batch))
   return result
@@ -277,7 +280,6 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defined only when run as a program (no clash with other entry points' flags)."""
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file (path[:argument]).",
                                   lock_config=True)
   flags.DEFINE_string("checkpoint", None,
@@ -296,19 +298,14 @@ def define_flags():
 
 
 def _run():
-  from ml_collections import config_flags
   if FLAGS.config is None:
-    raise errors.EvaluateError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
+    raise errors.ConfigError("Pass --config=CONFIG_FILE[:ARG] (e.g. configs/finetune.py:imagenet2012).")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
-  from configs import common
   errors.require_known_keys(FLAGS.config, common.base_config(),
                             FLAGS["config"].config_filename)
   if not FLAGS.checkpoint:
-    raise errors.EvaluateError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
-  from mixer_jax import distributed
+    raise errors.ConfigError("Pass --checkpoint=PATH: a .npz file or a training workdir.")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  import jax
-  import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   # Only an explicit --config.image_size counts: config files carry a default size.
   requested = FLAGS.config.image_size if "image_size" in config_flags.get_override_values(

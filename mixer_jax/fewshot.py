@@ -39,10 +39,10 @@ BIAS_CONSTANT = 100.0
 def _as_labels(labels, num_classes: int, what: str) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise errors.FewShotError(f"{what} labels must be a 1-D integer array, got shape "
+    raise errors.DataError(f"{what} labels must be a 1-D integer array, got shape "
                        f"{labels.shape} and dtype {labels.dtype}.")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise errors.FewShotError(f"{what} labels must lie in [0, {num_classes}), got values from "
+    raise errors.DataError(f"{what} labels must lie in [0, {num_classes}), got values from "
                        f"{labels.min()} to {labels.max()}.")
   return labels
 
@@ -55,7 +55,7 @@ def fewshot_indices(labels: np.ndarray, num_classes: int, shots: int, seed: int)
   for c in range(num_classes):
     members = np.flatnonzero(labels == c)
     if len(members) < shots:
-      raise errors.FewShotError(
+      raise errors.DataError(
           f"Class {c} has only {len(members)} training examples, fewer than the {shots} "
           "shots requested; lower the shot count or use a larger training split.")
     idx.append(rng.choice(members, size=shots, replace=False))
@@ -97,25 +97,25 @@ def fewshot_accuracy(train_feats, train_labels, test_feats, test_labels, num_cla
     {shots: test accuracy in [0, 1]}.
 
   Raises:
-    errors.FewShotError: a class has fewer training examples than `shots`, or bad shapes.
+    errors.DataError: a class has fewer training examples than `shots`, or bad shapes.
   """
   train_feats = np.asarray(train_feats, np.float64)
   test_feats = np.asarray(test_feats, np.float64)
   if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-    raise errors.FewShotError(f"Features must be (N, D) and (M, D) arrays, got shapes "
+    raise errors.DataError(f"Features must be (N, D) and (M, D) arrays, got shapes "
                        f"{train_feats.shape} and {test_feats.shape}.")
   train_labels = _as_labels(train_labels, num_classes, "Training")
   test_labels = _as_labels(test_labels, num_classes, "Test")
   if len(train_labels) != len(train_feats) or len(test_labels) != len(test_feats):
-    raise errors.FewShotError("Features and labels must have the same number of rows, got "
+    raise errors.DataError("Features and labels must have the same number of rows, got "
                        f"{len(train_feats)}/{len(train_labels)} (train) and "
                        f"{len(test_feats)}/{len(test_labels)} (test).")
   if not len(test_labels):
-    raise errors.FewShotError("The test set is empty; few-shot accuracy needs test examples.")
+    raise errors.DataError("The test set is empty; few-shot accuracy needs test examples.")
   results = {}
   for n in shots:
     if int(n) < 1:
-      raise errors.FewShotError(f"Shot count {n} must be at least 1.")
+      raise errors.ConfigError(f"Shot count {n} must be at least 1.")
     accs = []
     for s in range(seed, seed + num_seeds):
       idx = fewshot_indices(train_labels, num_classes, int(n), s)
@@ -147,7 +147,7 @@ def extract_features(features_fn: Callable[[np.ndarray], Any],
     feats.append(f.reshape(len(f), -1))
     labels.append(y)
   if not feats:
-    raise errors.FewShotError("No batches to extract features from.")
+    raise errors.DataError("No batches to extract features from.")
   return np.concatenate(feats), np.concatenate(labels)
 
 

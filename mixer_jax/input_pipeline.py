@@ -33,24 +33,21 @@ from typing import List, Optional, Tuple
 from absl import logging
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from mixer_jax import augment
+from mixer_jax import datasets
 from mixer_jax import errors
 from mixer_jax.datasets import decode
+from mixer_jax.datasets import folder
+from mixer_jax.datasets import records
 
 FOLDER_PREFIX = "folder:"
-# Datasets whose preparation needs no download: built here on first use.
-_OFFLINE_BUILDERS = ("mixer_digits",)
 # Batches each dataset prepares ahead of the train/eval loop.
 PREFETCH_BATCHES = 2
 # How long a process waits for another one preparing the same dataset (ImageNet from
 # its tar files takes hours).
 PREPARE_TIMEOUT_S = 6 * 3600
-# Datasets prepared by TFDS from files the user downloads into the manual dir.
-_MANUAL_DATASETS = {
-    "imagenet2012": "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in the manual "
-                    "dir (config.manual_dir, default DATA_DIR/downloads/manual)",
-}
 
 
 @dataclasses.dataclass
@@ -68,10 +65,6 @@ class _TfdsSource:
 
   def __init__(self, name: str, data_dir: str = "", manual_dir: str = "",
                prepare_timeout_s: float = PREPARE_TIMEOUT_S):
-    import tensorflow_datasets as tfds
-    from mixer_jax.datasets import digits  # noqa: F401  Registers `mixer_digits`.
-    from mixer_jax.datasets import fashion_mnist  # noqa: F401  `mixer_fashion_mnist`.
-    self._tfds = tfds
     self.name = name
     self._data_dir = data_dir or None
     self.builder = self._builder()
@@ -80,7 +73,7 @@ class _TfdsSource:
       with prepare_lock(os.path.dirname(self.builder.data_dir), prepare_timeout_s):
         self.builder = self._builder()
         if not self.builder.is_prepared():
-          self._prepare(manual_dir)
+          datasets.prepare(self.builder, name, manual_dir)
     features = self.builder.info.features
     # imagenet2012_real calls its single label `original_label` (next to `real_label`).
     self.label_key = "original_label" if "label" not in features else "label"
@@ -94,49 +87,11 @@ class _TfdsSource:
 
   def _builder(self):
     try:
-      return self._tfds.builder(self.name, data_dir=self._data_dir)
+      return datasets.builder(self.name, self._data_dir)
     except Exception as e:  # DatasetNotFoundError and friends.
       raise errors.DataError(
           f"Unknown TFDS dataset {self.name!r} ({type(e).__name__}); use a TFDS name such as "
           "imagenet2012 or cifar10, or folder:/path/to/images.") from None
-
-  def _prepare(self, manual_dir: str):
-    from mixer_jax.datasets import fashion_mnist
-    tfds, name = self._tfds, self.name
-    where = self.builder.data_dir
-    if name in _OFFLINE_BUILDERS:
-      self.builder.download_and_prepare()
-      return
-    if name == fashion_mnist.NAME:
-      fashion_mnist.download_and_prepare(self.builder, manual_dir)
-      return
-    base = name.split("/")[0].split(":")[0]
-    if base in _MANUAL_DATASETS:
-      # TFDS's own default: DATA_DIR/downloads/manual; `where` is DATA_DIR/name[/config]/version.
-      root = where
-      for _ in range(3 if self.builder.builder_config else 2):
-        root = os.path.dirname(root)
-      manual = manual_dir or os.path.join(root, "downloads", "manual")
-      if not os.path.isdir(manual) or not os.listdir(manual):
-        raise errors.DataError(f"TFDS dataset {name} is not prepared in {where}; "
-                        f"{_MANUAL_DATASETS[base]}, here {manual}, and run again.")
-      try:
-        self.builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual))
-      except Exception as e:  # Truncated or misnamed tars: TFDS's own errors are deep.
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise errors.DataError(f"TFDS could not prepare {name} from the manual dir {manual} "
-                        f"({type(e).__name__}: {reason}); {_MANUAL_DATASETS[base]}, "
-                        "complete and unmodified.") from e
-      return
-    if base == "fashion_mnist":
-      raise errors.DataError(f"TFDS dataset fashion_mnist is not prepared in {where} and "
-                             "would need a download; use --config.dataset="
-                             f"{fashion_mnist.NAME}, which prepares it from local IDX files "
-                             f"({fashion_mnist.PACKAGE_HINT}).")
-    raise errors.DataError(f"TFDS dataset {name} is not prepared in {where}; prepare it on a "
-                    f"machine with internet (`tfds build {name} --data_dir=DIR`) and point "
-                    "config.data_dir at DIR.")
 
   def split_size(self, split: str) -> int:
     try:
@@ -146,14 +101,14 @@ class _TfdsSource:
                       f"{', '.join(self.builder.info.splits.keys())}.") from None
 
   def process_split(self, split: str, index: int, count: int) -> str:
-    return self._tfds.even_splits(split, n=count, drop_remainder=False)[index]
+    return tfds.even_splits(split, n=count, drop_remainder=False)[index]
 
   def read(self, split: str, index: int, count: int) -> tf.data.Dataset:
     sub = self.process_split(split, index, count)
     ds = self.builder.as_dataset(
         split=sub, shuffle_files=False,
-        decoders={"image": self._tfds.decode.SkipDecoding()},
-        read_config=self._tfds.ReadConfig(add_tfds_id=False))
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(add_tfds_id=False))
     keep = {"image": "image", "label": self.label_key}
     if self.has_real_labels:
       keep["real_label"] = "real_label"
@@ -169,7 +124,6 @@ class _TfdsSource:
 
   def examples(self, split: str, in_memory: bool) -> "Examples":
     """Random access to the split's {image (encoded), label} by example index."""
-    from mixer_jax.datasets import records
     self.split_size(split)  # An unknown split is one sentence.
     if self.builder.info.file_format.value != "tfrecord":
       raise errors.DataError(
@@ -189,7 +143,6 @@ class _FolderSource:
   """`folder:/path`: class-per-subfolder images (see datasets/folder.py)."""
 
   def __init__(self, root: str, skip_corrupt: bool):
-    from mixer_jax.datasets import folder
     self.name = FOLDER_PREFIX + root
     self.source = folder.FolderSource(root, skip_corrupt=skip_corrupt)
     self.class_names = list(self.source.class_names)
@@ -372,22 +325,21 @@ def _check_label(label, num_classes):
 
 
 def preprocess_train(example, seed, config, num_classes):
-  """Decode -> crop -> resize -> flip -> RandAugment -> [-1, 1]."""
+  """Decode -> crop -> resize -> flip -> RandAugment -> [-1, 1].
+
+  config.train_crop is one of state.TRAIN_CROPS (state.validate_config checks it)."""
   crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   size = config.image_size
   if config.train_crop == "inception":
     image = decode.resize(augment.decode_and_inception_crop(example["image"], crop_seed), size)
   elif config.train_crop == "resize":
     image = decode.resize(decode.decode_rgb(example["image"]), size)
-  elif config.train_crop in ("pad", "none"):
+  else:  # "pad" or "none"
     # Images already at image_size (the 8x8 digits, Fashion-MNIST): decode, and with
     # "pad" shift by up to train_crop_padding pixels.
     image = tf.ensure_shape(decode.decode_rgb(example["image"]), [size, size, 3])
     if config.train_crop == "pad":
       image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
-  else:
-    raise errors.DataError(f"Unknown config.train_crop {config.train_crop!r}; use inception, resize, "
-                    "pad or none.")
   if config.train_flip:
     image = augment.random_flip(image, flip_seed)
   if config.randaugment_layers > 0:
@@ -398,6 +350,7 @@ def preprocess_train(example, seed, config, num_classes):
 
 
 def preprocess_eval(example, config, num_classes):
+  """config.eval_preprocess is one of state.EVAL_PREPROCESSES (validate_config checks it)."""
   image = decode.decode_rgb(example["image"])
   size = config.image_size
   if config.eval_preprocess == "resize_crop":
@@ -412,11 +365,8 @@ def preprocess_eval(example, config, num_classes):
     image = image[top:top + size, left:left + size]
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     image.set_shape([size, size, 3])
-  elif config.eval_preprocess == "resize":
+  else:  # "resize"
     image = decode.resize(image, size)
-  else:
-    raise errors.DataError(f"Unknown config.eval_preprocess {config.eval_preprocess!r}; use "
-                    "resize_crop or resize.")
   out = {"image": _to_model_range(image), "label": _check_label(example["label"], num_classes),
          "mask": tf.constant(1.0, tf.float32)}
   if "real_label" in example:

@@ -20,16 +20,21 @@ run says so and prints its final metrics. The last stdout line is one JSON objec
 """
 
 import json
+import logging as py_logging
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from configs import common
+from mixer_jax import distributed
 from mixer_jax import errors
 from mixer_jax import host_memory
 from mixer_jax import paths
+from mixer_jax import run_record
+from mixer_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
@@ -55,7 +60,6 @@ class _QuietLibraries:
   NOISY = ("/orbax/", "/tensorstore/")
 
   def filter(self, record):
-    import logging as py_logging
     return record.levelno >= py_logging.WARNING or not any(
         n in record.pathname for n in self.NOISY)
 
@@ -74,7 +78,6 @@ def main(argv):
     errors.run_guarded(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.traceback)
   except BaseException as e:
     # Multi-process: leave at once, so no process waits on one that has stopped.
-    from mixer_jax import distributed
     distributed.exit_now(e)
     raise
 
@@ -85,17 +88,13 @@ def _run(config, workdir):
   logging.info("Workdir: %s", workdir)
   for key, value in paths.resolve_config(config).items():
     logging.info("config.%s: %s", key, value)
-  from mixer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
                          init_timeout_s=FLAGS.init_timeout_s)
-  from mixer_jax import train
-  import jax
   logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   try:
-    from mixer_jax import run_record
     result = train.train_and_evaluate(config, workdir,
                                       run_record.parse_accept(FLAGS.accept_changes))
   except Exception as e:

@@ -21,9 +21,8 @@ OPTIMIZERS = ("adam", "sgd", "lamb")
 
 def learning_rate_schedule(base_lr: float, total_steps: int, warmup_steps: int,
                            decay: str = "linear", end_lr: float = 0.0) -> optax.Schedule:
-  """Linear warmup from 0 to `base_lr`, then `decay` down to `end_lr` at `total_steps`."""
-  if decay not in SCHEDULES:
-    raise ValueError(f"Unknown lr_decay {decay!r}; use one of {', '.join(SCHEDULES)}.")
+  """Linear warmup from 0 to `base_lr`, then `decay` (one of SCHEDULES, as
+  state.validate_config checks) down to `end_lr` at `total_steps`."""
   warmup_steps = min(warmup_steps, total_steps)
   decay_steps = max(total_steps - warmup_steps, 1)
   warmup = optax.linear_schedule(0.0, base_lr, max(warmup_steps, 1))
@@ -48,8 +47,7 @@ def make_optimizer(*, name: str, schedule: optax.Schedule, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, momentum: float = 0.9,
                    weight_decay: float = 0.0,
                    grad_clip_norm: float = 1.0) -> optax.GradientTransformation:
-  if name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}.")
+  """`name` is one of OPTIMIZERS (state.validate_config checks it)."""
   chain = []
   if grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(grad_clip_norm))
@@ -59,7 +57,7 @@ def make_optimizer(*, name: str, schedule: optax.Schedule, b1: float = 0.9,
     return optax.chain(*chain)
   if name == "adam":
     chain.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  else:
+  else:  # sgd
     chain.append(optax.trace(decay=momentum, nesterov=False))
   if weight_decay > 0:
     chain.append(optax.add_decayed_weights(weight_decay, mask=kernel_mask))

@@ -35,10 +35,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import paths
+from mixer_jax import state
 from mixer_jax.datasets import decode
 
 BATCH_SIZE = 32
@@ -110,11 +113,11 @@ def class_names(info: Dict[str, Any], num_classes: int) -> List[str]:
 def load_image(path: str, image_size: int) -> np.ndarray:
   """(image_size, image_size, 3) float32 in [-1, 1]: the pipelines' decode and resize
   (datasets/decode.py), so a file gives the pixels training and evaluation see;
-  errors.PredictError if unreadable."""
+  errors.DataError if unreadable."""
   try:
     pixels = decode.load_rgb(path)
   except ValueError as e:
-    raise errors.PredictError(str(e)) from None
+    raise errors.DataError(str(e)) from None
   return decode.resize(pixels, image_size).numpy().astype(np.float32) / 127.5 - 1.0
 
 
@@ -128,29 +131,26 @@ def predict(checkpoint_path: str, image_paths: Sequence[str], top_k: int = 5,
             image_size: Optional[int] = None) -> Dict[str, Any]:
   """Runs the checkpoint on the images; returns {"predictions": [...]} (see module doc)."""
   if not image_paths:
-    raise errors.PredictError("No images given; pass one or more image files after the flags.")
+    raise errors.ConfigError("No images given; pass one or more image files after the flags.")
   if top_k < 1:
-    raise errors.PredictError(f"--top_k={top_k} must be at least 1.")
+    raise errors.ConfigError(f"--top_k={top_k} must be at least 1.")
   params, info = checkpoint.load_params(checkpoint_path)
   num_classes = int(info.get("num_classes") or 0)
   if num_classes <= 0:
-    raise errors.PredictError(f"{checkpoint_path} has no classification head (a features model), "
+    raise errors.CheckpointError(f"{checkpoint_path} has no classification head (a features model), "
                        "so it cannot predict classes.")
   patch = int(info["model"]["patch_size"])
   num_tokens = checkpoint.describe(params)["num_tokens"]
   native = info.get("image_size")
   size = int(image_size or native or 0)
   if size <= 0:
-    raise errors.PredictError(f"{checkpoint_path} does not record its image size; pass --image_size.")
+    raise errors.CheckpointError(f"{checkpoint_path} does not record its image size; pass --image_size.")
   if size % patch or (size // patch) ** 2 != num_tokens:
-    raise errors.PredictError(
+    raise errors.CheckpointError(
         f"--image_size={size} does not match the checkpoint, whose token-mixing layers "
         f"need {num_tokens} tokens of {patch}x{patch} px (image size {native or 'unknown'}).")
   images = np.stack([load_image(p, size) for p in image_paths])  # Fail fast on bad files.
 
-  import jax
-  import jax.numpy as jnp
-  from mixer_jax import state
   model = state.inference_model(info, num_classes)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
   params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -186,7 +186,7 @@ def main(argv):
     sys.exit(2)
   try:
     result = predict(paths.resolve(FLAGS.checkpoint), argv[1:], FLAGS.top_k, FLAGS.image_size)
-  except (errors.PredictError, errors.CheckpointError) as e:
+  except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)
   for pred in result["predictions"]:

@@ -126,7 +126,7 @@ def changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str
 
 def _defaults() -> Dict[str, Any]:
   """Every key's default (configs/common.py), or {} where configs/ is not importable."""
-  try:
+  try:  # Here, not at the top: an installed mixer_jax may run without configs/.
     from configs import common
   except ImportError:
     return {}

@@ -93,10 +93,9 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str = "replicate"
   """NamedShardings for every leaf of a (shape-only) train state pytree.
 
   `stacked(path)`: whether the leaf at a '/'-joined path has a leading block axis
-  (a scanned model's blocks; models.is_stacked).
+  (a scanned model's blocks; models.is_stacked). `strategy` is one of STRATEGIES
+  (state.validate_config checks config.sharding).
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown sharding strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
 
   def leaf_sharding(path, leaf):
     shape = getattr(leaf, "shape", ())

@@ -28,6 +28,8 @@ from mixer_jax import steps
 SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
 LOSSES = ("softmax", "sigmoid")
 NONFINITE = ("stop", "skip")
+TRAIN_CROPS = ("inception", "resize", "pad", "none")
+EVAL_PREPROCESSES = ("resize_crop", "resize")
 
 
 # ------------------------------------------------------------------ the config
@@ -66,8 +68,8 @@ def validate_config(config) -> None:
   for name, allowed in (("loss", LOSSES), ("nonfinite", NONFINITE),
                         ("optimizer", optim.OPTIMIZERS), ("lr_decay", optim.SCHEDULES),
                         ("sharding", sharding.STRATEGIES),
-                        ("train_crop", ("inception", "resize", "pad", "none")),
-                        ("eval_preprocess", ("resize_crop", "resize")),
+                        ("train_crop", TRAIN_CROPS),
+                        ("eval_preprocess", EVAL_PREPROCESSES),
                         ("dtype", ("float32", "bfloat16", "float16")),
                         ("model.remat_policy", models.REMAT_POLICIES)):
     if get(name) not in allowed:

@@ -21,7 +21,7 @@ from absl import logging
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
-from mixer_jax import evaluation
+from mixer_jax import evaluator as evaluator_lib  # the loop names its instance `evaluator`
 from mixer_jax import input_pipeline
 from mixer_jax import metrics as metrics_lib
 from mixer_jax import resolution
@@ -302,7 +302,7 @@ def _train(config, workdir, mesh, eval_batch, pretrained, pretrained_info, accep
 
   # --- Compiled steps -----------------------------------------------------------
   train_step = setup.train_step()
-  evaluator = evaluation.Evaluator(setup.eval_step(), config, source, config.eval_split,
+  evaluator = evaluator_lib.Evaluator(setup.eval_step(), config, source, config.eval_split,
                                    num_classes, mesh, eval_batch)
 
   # --- Loop ---------------------------------------------------------------------
@@ -343,7 +343,7 @@ def _train(config, workdir, mesh, eval_batch, pretrained, pretrained_info, accep
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
       if config.fewshot_every_steps and (step % config.fewshot_every_steps == 0 or is_last):
         # Linear probes on frozen pre-logits (paper's few-shot results).
-        shots = evaluation.fewshot_metrics(
+        shots = evaluator_lib.fewshot_metrics(
             setup.feature_model(),
             {k: v for k, v in state["params"].items() if k != "head"}, config, source,
             config.fewshot_train_split or config.train_split, config.eval_split,

@@ -26,6 +26,39 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: a single-process test of more than ~8 s.")
   config.addinivalue_line("markers", "faults: kill-and-resume fault injection (slow).")
   config.addinivalue_line("markers", "multiprocess: runs several JAX processes on localhost.")
+  config.addinivalue_line("markers", "xdist_group(name): tests that one xdist worker runs "
+                          "in order (see pytest_collection_modifyitems).")
+
+
+# Under pytest-xdist (tests/run.sh: -n 2 --dist loadgroup) a worker takes whole groups:
+# each test file is one group, so its module-scoped fixtures (a trained run, a prepared
+# dataset) are built once, not once per worker. The tests that start several processes
+# or kill them on a clock (markers multiprocess and faults) form one group across files:
+# they run one at a time, beside at most one other worker, never two gloo pairs or a
+# timed kill against another multi-process run. Groups with a slow test go first, so the
+# longest groups do not start last and leave one worker idle at the end.
+PROCESS_GROUP = "processes"
+
+
+def _group(item):
+  if item.get_closest_marker("multiprocess") or item.get_closest_marker("faults"):
+    return PROCESS_GROUP
+  return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook reads the groups.
+def pytest_collection_modifyitems(config, items):
+  if getattr(config.option, "dist", "no") == "no":
+    return
+  groups = {}
+  for item in items:
+    group = _group(item)
+    item.add_marker(pytest.mark.xdist_group(group))
+    groups.setdefault(group, []).append(item)
+  light = lambda group: not any(
+      item.get_closest_marker(m) for item in groups[group]
+      for m in ("slow", "faults", "multiprocess"))
+  items[:] = [item for group in sorted(groups, key=light) for item in groups[group]]
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +114,7 @@ def config_flags(data_dir, **overrides):
 
 def read_metrics(workdir):
   """Every row of WORKDIR/metrics.jsonl as written, repeats included (a run that started
-  over logs a step twice; mixer_jax.plot.read_metrics keeps the last)."""
+  over logs a step twice; mixer_jax.tools.plot.read_metrics keeps the last)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 

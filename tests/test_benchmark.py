@@ -1,4 +1,4 @@
-"""mixer_jax.benchmark: flag validation and the JSON it prints, on a tiny model.
+"""mixer_jax.tools.benchmark: flag validation and the JSON it prints, on a tiny model.
 
 Speed is not tested here (BENCHMARKS.md holds the measurements); these check that
 each mode runs, reports consistent figures and that train/eval need no TensorFlow.
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mixer_jax import benchmark
+from mixer_jax.tools import benchmark
 from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def test_defaults_are_the_issue_setting():
     (["--no_such_flag=1"], "Unrecognized arguments: --no_such_flag=1"),
 ])
 def test_bad_flags_raise_one_sentence(argv, fragment):
-  with pytest.raises(errors.BenchmarkError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     benchmark.parse_args(argv)
   assert fragment in str(e.value) and "\n" not in str(e.value)
 
@@ -73,7 +73,7 @@ def test_datasheet_peaks():
 
 def test_train_mode_json_without_tensorflow():
   # A fresh interpreter: the train mode must not import TF, tfds, ml_collections or clu.
-  code = ("import sys; from mixer_jax import benchmark; rc = benchmark.main(sys.argv[1:]); "
+  code = ("import sys; from mixer_jax.tools import benchmark; rc = benchmark.main(sys.argv[1:]); "
           "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu') "
           "if m in sys.modules]; assert not bad, bad; sys.exit(rc)")
   env = dict(os.environ, JAX_PLATFORMS="cpu")

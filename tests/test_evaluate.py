@@ -216,17 +216,17 @@ def test_errors_in_process(imagenet, tmp_path):
   with pytest.raises(errors.DataError, match=f"ILSVRC2012_img_train.tar.*{manual}"):
     evaluate.evaluate(config_for("imagenet2012", data_dir=str(tmp_path)), ckpt)
   # Another image size than the checkpoint's: names the allowed one.
-  with pytest.raises(errors.EvaluateError, match=r"image size 8\b.*evaluate at 8"):
+  with pytest.raises(errors.CheckpointError, match=r"image size 8\b.*evaluate at 8"):
     evaluate.evaluate(config_for("imagenet2012", data_dir=imagenet["data_dir"]), ckpt,
                       image_size=16)
   with pytest.raises(errors.CheckpointError, match="does not exist"):
     evaluate.evaluate(config_for("imagenet2012"), str(tmp_path / "missing"))
   # Class-count mismatch on a folder dataset (3 classes) and a features-only checkpoint.
   root = write_folder(str(tmp_path / "folder"), 3, 2)
-  with pytest.raises(errors.EvaluateError, match="1000-class head but dataset folder:"):
+  with pytest.raises(errors.CheckpointError, match="1000-class head but dataset folder:"):
     evaluate.evaluate(config_for(f"folder:{root}", eval_split="validation"), ckpt)
   features = write_checkpoint(str(tmp_path / "features.npz"), 0)
-  with pytest.raises(errors.EvaluateError, match="no classification head"):
+  with pytest.raises(errors.CheckpointError, match="no classification head"):
     evaluate.evaluate(config_for(f"folder:{root}", eval_split="validation"), features)
 
 
@@ -314,11 +314,11 @@ def test_fewshot_on_folder_and_default_splits(tmp_path):
 # --------------------------------------------------------------- class names
 def test_class_names_that_differ_by_index_are_refused(caplog):
   check = lambda ckpt, data: evaluate.check_class_names("W", ckpt, "folder:/d", data)
-  with pytest.raises(errors.EvaluateError, match=r"^Checkpoint W orders the same classes "
+  with pytest.raises(errors.CheckpointError, match=r"^Checkpoint W orders the same classes "
                      r"differently from dataset folder:/d \(label 0 is 'cat' in the checkpoint "
                      r"but 'dog' in the dataset\).*--format=npz.*evaluate that\.$"):
     check(["cat", "dog"], ["dog", "cat"])
-  with pytest.raises(errors.EvaluateError, match="names other classes than .*label 1 is 'dog'"):
+  with pytest.raises(errors.CheckpointError, match="names other classes than .*label 1 is 'dog'"):
     check(["cat", "dog"], ["cat", "n02084071"])
   # Where it cannot be wrong: no names on one side, the same list, or one list extending
   # the other (a head wider than the dataset): at most a warning.

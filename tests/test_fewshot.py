@@ -59,11 +59,11 @@ def test_ridge_matches_both_forms():
 
 def test_too_few_examples_is_one_sentence():
   x, y = _clusters(per_class=3)
-  with pytest.raises(errors.FewShotError) as e:
+  with pytest.raises(errors.DataError) as e:
     fewshot.fewshot_accuracy(x, y, x, y, 10, shots=(5,))
   msg = str(e.value)
   assert "only 3 training examples" in msg and "5 shots" in msg and msg.count(". ") == 0
-  with pytest.raises(errors.FewShotError, match="labels must lie in"):
+  with pytest.raises(errors.DataError, match="labels must lie in"):
     fewshot.fewshot_accuracy(x, y, x, y, 5, shots=(1,))
 
 

@@ -20,9 +20,9 @@ FLOORS = {
         "resolution", "datasets", "timm_layout", "run_record", "workdir_lock"),
     2: ("steps", "checkpoint", "input_pipeline"),
     3: ("state",),
-    4: ("evaluation",),
+    4: ("evaluator",),
     5: ("train",),
-    6: ("main", "evaluate", "predict", "export", "summary", "benchmark", "memory", "plot"),
+    6: ("main", "evaluate", "predict", "export", "tools"),
 }
 FLOOR = {name: floor for floor, names in FLOORS.items() for name in names}
 ENTRY_POINTS = FLOORS[max(FLOORS)]
@@ -128,7 +128,7 @@ def test_importing_the_package_has_no_side_effects():
 
 def test_setup_path_imports_no_tensorflow():
   # state.py (and everything under it) runs on GPU images without TensorFlow.
-  code = ("import sys; import mixer_jax.state, mixer_jax.benchmark; "
+  code = ("import sys; import mixer_jax.state, mixer_jax.tools.benchmark; "
           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', "
           "'clu') if m in sys.modules))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

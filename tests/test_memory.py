@@ -11,9 +11,9 @@ from test_distributed import TINY, _env
 # ----------------------------------------------------------------- memory tool
 def test_memory_tool_fsdp_divides_parameter_and_optimizer_bytes():
   wrapper = ("import runpy, sys\n"
-             "sys.argv = ['mixer_jax.memory'] + sys.argv[1:]\n"
+             "sys.argv = ['mixer_jax.tools.memory'] + sys.argv[1:]\n"
              "try:\n"
-             "  runpy.run_module('mixer_jax.memory', run_name='__main__')\n"
+             "  runpy.run_module('mixer_jax.tools.memory', run_name='__main__')\n"
              "finally:\n"
              "  print('TENSORFLOW_IMPORTED', 'tensorflow' in sys.modules)\n")
   args = ["--config=configs/default.py", "--num_devices=8", "--num_classes=10",
@@ -44,7 +44,7 @@ def test_memory_tool_fsdp_divides_parameter_and_optimizer_bytes():
 
 
 def test_memory_simulation_env_replaces_device_count():
-  from mixer_jax import memory
+  from mixer_jax.tools import memory
   env = memory.simulation_env(256, {"XLA_FLAGS": "--xla_foo=1 "
                                     "--xla_force_host_platform_device_count=2"})
   assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=256"

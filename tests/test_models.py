@@ -515,7 +515,7 @@ def test_data_parallel_gradient_gathers_no_activations(dtype):
 
 
 def test_summary_command_prints_count_and_flops():
-  out = subprocess.run([sys.executable, "-m", "mixer_jax.summary", "--variant=S/32",
+  out = subprocess.run([sys.executable, "-m", "mixer_jax.tools.summary", "--variant=S/32",
                         "--notable"], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "19,104,624 parameters" in out.stdout
@@ -523,7 +523,7 @@ def test_summary_command_prints_count_and_flops():
   row = json.loads(out.stdout.strip().splitlines()[-1])
   # Forward FLOPs of S/32 at 224: ~1.0 GMAC -> ~2 GFLOPs (multiply-add counted as 2).
   assert 1.5e9 < row["forward_flops"] < 2.5e9
-  bad = subprocess.run([sys.executable, "-m", "mixer_jax.summary", "--variant=Q/3"],
+  bad = subprocess.run([sys.executable, "-m", "mixer_jax.tools.summary", "--variant=Q/3"],
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode != 0 and "Unknown Mixer variant 'Q/3'" in bad.stderr
 

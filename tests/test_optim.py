@@ -9,7 +9,9 @@ import optax
 import pytest
 
 from configs import common
+from mixer_jax import errors
 from mixer_jax import optim
+from mixer_jax import state
 
 
 # -------------------------------------------------------------------- schedules
@@ -35,10 +37,14 @@ def test_no_warmup_starts_at_the_base_rate_and_warmup_is_capped_at_the_run():
 
 
 def test_unknown_schedule_and_optimizer_are_named():
-  with pytest.raises(ValueError, match="Unknown lr_decay 'step'; use one of linear, cosine"):
-    optim.learning_rate_schedule(1.0, 10, 0, "step")
-  with pytest.raises(ValueError, match="Unknown optimizer 'lars'; use one of adam, sgd, lamb"):
-    optim.make_optimizer(name="lars", schedule=optax.constant_schedule(1.0))
+  # Checked once, in state.validate_config; optim trusts its inputs.
+  for key, value, allowed in (("lr_decay", "step", "linear, cosine, constant"),
+                              ("optimizer", "lars", "adam, sgd, lamb")):
+    config = common.base_config()
+    config[key] = value
+    with pytest.raises(errors.ConfigError,
+                       match=f"config.{key}='{value}' is not one of {allowed}."):
+      state.validate_config(config)
 
 
 # ------------------------------------------------------------------- the chains

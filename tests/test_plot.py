@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import REPO
 from mixer_jax import errors
-from mixer_jax import plot
+from mixer_jax.tools import plot
 
 
 def _write_metrics(workdir, rows):
@@ -63,7 +63,7 @@ def test_plot_command_resolves_paths_as_typed(tmp_path):
   home = tmp_path / "home"
   _write_metrics(home / "runs" / "seed0", _run(0))
   env = dict(os.environ, HOME=str(home), PYTHONPATH=REPO)
-  done = subprocess.run([sys.executable, "-m", "mixer_jax.plot", "--workdir=~/runs/seed0",
+  done = subprocess.run([sys.executable, "-m", "mixer_jax.tools.plot", "--workdir=~/runs/seed0",
                          "--out=figs/curves.png"], cwd=str(home / "runs"), env=env,
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]

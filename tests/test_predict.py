@@ -90,9 +90,9 @@ def test_cli_unreadable_image(files):
   # TensorFlow's C++ start-up lines (absl, oneDNN) come first; ours is one line.
   err = [l for l in r.stderr.strip().splitlines() if files["bad"] in l]
   assert len(err) == 1 and err[0].startswith("Cannot read image"), r.stderr
-  with pytest.raises(errors.PredictError, match="missing.png"):
+  with pytest.raises(errors.DataError, match="missing.png"):
     predict.predict(files["ckpt10"], [str(files["dir"] / "missing.png")])
-  with pytest.raises(errors.PredictError, match="image_size=16"):
+  with pytest.raises(errors.CheckpointError, match="image_size=16"):
     predict.predict(files["ckpt10"], [files["png"]], image_size=16)
 
 
@@ -163,7 +163,7 @@ def test_predict_refuses_a_decompression_bomb(tmp_path, monkeypatch):
   path = str(tmp_path / "big.png")
   Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(path)
   monkeypatch.setattr(predict.decode, "MAX_PIXELS", 1000)
-  with pytest.raises(errors.PredictError) as e:
+  with pytest.raises(errors.DataError) as e:
     predict.load_image(path, 8)
   assert str(e.value) == (f"Image {path} is too large (50 x 40 pixels, more than 1,000); "
                           "resize it before predicting.")

@@ -21,7 +21,7 @@ def test_defaults_are_the_issue_setting():
 
 
 def test_resmlp_and_gmlp_compare_with_timms_namesakes():
-  from mixer_jax import benchmark
+  from mixer_jax.tools import benchmark
   for variant, timm_name in (("resmlp_12", "resmlp_12_224"), ("gmlp_s16", "gmlp_s16_224")):
     for mode in ("train", "eval"):
       args = timm_compare.parse([f"--variant={variant}", f"--mode={mode}"])

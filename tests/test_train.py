@@ -464,7 +464,7 @@ def test_finetune_higher_resolution(tmp_path):
       np.testing.assert_array_equal(step1[k], pre[k])
   # The workdir evaluates at its own 16 px and names that size when asked for 8.
   assert evaluate.evaluate(config, workdir)["image_size"] == 16
-  with pytest.raises(errors.EvaluateError, match="image size 16"):
+  with pytest.raises(errors.CheckpointError, match="image size 16"):
     evaluate.evaluate(config, workdir, image_size=8)
 
 

@@ -50,6 +50,7 @@ from typing import Dict, Iterator, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+NAME = 'mixer_digits'
 NUM_CLASSES = 10
 NUM_EXAMPLES = 1797
 TEST_EVERY = 5  # position-within-class p goes to test iff p % 5 == 4.

@@ -17,6 +17,7 @@ import struct
 from typing import Any, Dict, List
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mixer_jax import errors
 
@@ -48,7 +49,6 @@ class TfrecordExamples:
   """The examples of one (possibly sliced) TFDS split prepared as TFRecord files."""
 
   def __init__(self, builder, split: str, keep: Dict[str, str]):
-    import tensorflow_datasets as tfds
     self._features = builder.info.features
     self._decoders = {"image": tfds.decode.SkipDecoding()}
     self._keep = keep  # Output name -> feature name.

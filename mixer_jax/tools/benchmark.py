@@ -1,9 +1,9 @@
 r"""Throughput of the Mixer train step, eval forward and input pipeline on this machine.
 
-  python -m mixer_jax.benchmark --variant=S/32 --batch_size=32 --mode=train
-  python -m mixer_jax.benchmark --variant=B/16 --batch_size=256 --mode=eval --dtype=bfloat16
-  python -m mixer_jax.benchmark --mode=input         # tf.data alone, images/s per core
-  python -m mixer_jax.benchmark --mode=end_to_end    # tf.data feeding the train step
+  python -m mixer_jax.tools.benchmark --variant=S/32 --batch_size=32 --mode=train
+  python -m mixer_jax.tools.benchmark --variant=B/16 --batch_size=256 --mode=eval --dtype=bfloat16
+  python -m mixer_jax.tools.benchmark --mode=input         # tf.data alone, images/s per core
+  python -m mixer_jax.tools.benchmark --mode=end_to_end    # tf.data feeding the train step
 
 Each timed figure is the median over `--steps` steps after `--warmup` untimed ones (the
 first compiles). The train step is the one `main` runs (steps.make_train_step: forward,
@@ -27,7 +27,18 @@ import time
 import types
 from typing import Any, Callable, Dict, List, Optional
 
-from mixer_jax.errors import BenchmarkError
+import jax
+from jax.extend.core import jaxpr_as_fun
+import jax.numpy as jnp
+import numpy as np
+
+from mixer_jax import host_memory
+from mixer_jax import models
+from mixer_jax import sharding
+from mixer_jax import state
+from mixer_jax.errors import ConfigError
+# TensorFlow and input_pipeline are imported inside the input and end_to_end modes
+# only: the train and eval modes run where TensorFlow is not installed.
 
 MODES = ("train", "eval", "input", "end_to_end")
 DTYPES = ("float32", "bfloat16")
@@ -64,14 +75,13 @@ def _at_least(low, kind=int) -> Callable[[str], Any]:
 
 
 class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One sentence through BenchmarkError, not argparse's exit.
-    raise BenchmarkError(f"{message[0].upper()}{message[1:]}; see --help.")
+  def error(self, message):  # One sentence through ConfigError, not argparse's exit.
+    raise ConfigError(f"{message[0].upper()}{message[1:]}; see --help.")
 
 
 def _parser() -> argparse.ArgumentParser:
-  from mixer_jax.models import blocks
   positive, natural = _at_least(1), _at_least(0)
-  p = _Parser(prog="python -m mixer_jax.benchmark", description=__doc__.split("\n")[0])
+  p = _Parser(prog="python -m mixer_jax.tools.benchmark", description=__doc__.split("\n")[0])
   p.add_argument("--mode", default="train", choices=MODES)
   p.add_argument("--variant", default="S/32",
                  help="Model variant, e.g. S/32, B/16 (Mixer), resmlp_12, gmlp_s16.")
@@ -81,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--num_classes", type=positive, default=1000)
   p.add_argument("--steps", type=positive, default=20, help="Timed steps.")
   p.add_argument("--warmup", type=natural, default=3, help="Untimed steps first.")
-  p.add_argument("--remat_policy", default="none", choices=blocks.REMAT_POLICIES,
+  p.add_argument("--remat_policy", default="none", choices=models.REMAT_POLICIES,
                  help="Rematerialise each block, keeping what the policy names.")
   p.add_argument("--scan", action="store_true",
                  help="Run the blocks under nn.scan (parameters stacked per block).")
@@ -105,18 +115,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-  """Flags -> validated namespace; a bad value raises BenchmarkError (one sentence)."""
+  """Flags -> validated namespace; a bad value raises ConfigError (one sentence)."""
   args = _parser().parse_args(argv)
   if args.mode == "end_to_end" and args.warmup < 1:
-    raise BenchmarkError("--warmup must be at least 1 with --mode=end_to_end (the first "
+    raise ConfigError("--warmup must be at least 1 with --mode=end_to_end (the first "
                          "step compiles and fills the input pipeline).")
   if args.stoch_depth >= 1:
-    raise BenchmarkError(f"--stoch_depth={args.stoch_depth} must be in [0, 1).")
+    raise ConfigError(f"--stoch_depth={args.stoch_depth} must be in [0, 1).")
   # The model is checked now (variant name, patch divisibility), before anything compiles.
   from mixer_jax import models
   patch = models.variant_sizes(args.variant)["patch_size"]
   if args.image_size % patch:
-    raise BenchmarkError(f"--image_size={args.image_size} is not divisible by the patch "
+    raise ConfigError(f"--image_size={args.image_size} is not divisible by the patch "
                          f"size {patch} of {args.variant}; use a multiple of {patch}.")
   return args
 
@@ -124,7 +134,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # -------------------------------------------------------- the machine and timing
 def device_description(with_jax: bool = True) -> Dict[str, Any]:
   """The host CPU (model name, usable cores) and, `with_jax`, JAX's devices."""
-  from mixer_jax import host_memory
   cpu = os.uname().machine
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
@@ -132,7 +141,6 @@ def device_description(with_jax: bool = True) -> Dict[str, Any]:
   out = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),
          "keep_host_memory": host_memory.applied()}
   if with_jax:
-    import jax
     device = jax.devices()[0]
     out.update(platform=device.platform, device_kind=device.device_kind, jax=jax.__version__,
                device_count=jax.device_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))
@@ -147,7 +155,6 @@ def datasheet_peak(device_kind: str, dtype: str) -> Optional[float]:
 def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> List[float]:
   """Seconds of each of `steps` calls after `warmup` untimed ones. Each call is blocked
   on, so that a step's time is its own (JAX dispatches asynchronously)."""
-  import jax
   for _ in range(warmup):
     jax.block_until_ready(step())
   times = []
@@ -166,8 +173,6 @@ def program_flops(jitted, *args, lowered=None) -> Optional[float]:
   H100). GPU plugins cannot analyse an unoptimised program, so there it is lowered again
   for the host CPU. `lowered`: `jitted.lower(*args)` where the caller already has it.
   """
-  import jax
-  from jax.extend.core import jaxpr_as_fun
   try:
     cost = (lowered or jitted.lower(*args)).cost_analysis()
   except NotImplementedError:
@@ -187,8 +192,6 @@ def program_flops(jitted, *args, lowered=None) -> Optional[float]:
 
 def measure_peak(dtype: str, size: int) -> Dict[str, float]:
   """FLOP/s of a `size` x `size` matmul in `dtype`: this machine's practical peak."""
-  import jax
-  import jax.numpy as jnp
   a, b = (jax.random.normal(jax.random.key(k), (size, size)).astype(dtype) for k in (1, 2))
   matmul = jax.jit(jnp.matmul)
   seconds = statistics.median(time_steps(lambda: matmul(a, b), warmup=2, steps=5))
@@ -219,8 +222,6 @@ def run_config(args) -> types.SimpleNamespace:
 
 
 def random_batch(args):
-  import jax
-  import jax.numpy as jnp
   k1, k2 = jax.random.split(jax.random.key(3))
   shape = (args.batch_size, args.image_size, args.image_size, 3)
   return {"image": jax.random.uniform(k1, shape, jnp.float32, -1.0, 1.0),
@@ -231,7 +232,6 @@ class TrainBench:
   """The train step as main builds it (state.Setup), compiled once for its batch."""
 
   def __init__(self, args):
-    from mixer_jax import state
     self.args = args
     self.setup = state.Setup(run_config(args), args.num_classes, total_steps=10_000)
     self.num_params = self.setup.num_params
@@ -255,8 +255,6 @@ class ForwardBench:
   """The eval forward as the Evaluator runs it (the model without stochastic depth)."""
 
   def __init__(self, args):
-    import jax
-    from mixer_jax import models, state
     self.args = args
     setup = state.Setup(run_config(args), args.num_classes)
     self.num_params = setup.num_params
@@ -286,7 +284,6 @@ def bench_step(args, result):
   key = "train_flops_per_image" if args.mode == "train" else "forward_flops_per_image"
   result[key] = result["flops_per_image"] = bench.flops_per_image()
   if args.mode == "train":  # The forward too: lowered only, nothing compiles or runs.
-    import jax
     model = bench.setup.eval_model
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
     flops = program_flops(forward, bench.state["params"], bench.batch["image"])
@@ -299,7 +296,6 @@ class InMemoryJpegs:
   resemble photographs' (flat images decode too fast, pure noise too slowly)."""
 
   def __init__(self, count: int, num_classes: int, width: int = 500, height: int = 375):
-    import numpy as np
     import tensorflow as tf
     rng = np.random.default_rng(0)
     self.encoded = []
@@ -333,7 +329,6 @@ def _train_batches(args, result):
 
 def bench_input(args, result):
   """The tf.data pipeline alone: decode, Inception crop, flip, RandAugment, batch."""
-  import numpy as np
   batches = _train_batches(args, result)
   times = time_steps(lambda: np.asarray(next(batches)["image"]), args.warmup, args.steps)
   result["timed_steps"], result["step_time_s"] = len(times), statistics.median(times)
@@ -345,8 +340,7 @@ def bench_input(args, result):
 def bench_end_to_end(args, result):
   """The input pipeline feeding the train step as main's loop does, against the bare
   step (a device-resident batch) in the same run, both over whole windows."""
-  import jax
-  from mixer_jax import input_pipeline, sharding
+  from mixer_jax import input_pipeline  # TensorFlow: see the imports
   bench = TrainBench(args)
   result["num_params"] = bench.num_params
   mesh = sharding.make_mesh(1)
@@ -421,11 +415,10 @@ def report(r: Dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-  from mixer_jax import host_memory
   host_memory.keep_freed_memory()  # First, before JAX starts its threads.
   try:
     print(report(run(parse_args(argv))), flush=True)
-  except ValueError as e:  # BenchmarkError and the model's own shape/name errors.
+  except ValueError as e:  # ConfigError and the model's own shape/name errors.
     print(f"Error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
     return 2
   return 0

@@ -1,7 +1,7 @@
 r"""Plots the train/eval curves of one or more workdirs' `metrics.jsonl` to a PNG.
 
-  python -m mixer_jax.plot --workdir=/tmp/fmnist --out=/tmp/fmnist/curves.png
-  python -m mixer_jax.plot --workdir=/tmp/fm_s0,/tmp/fm_s1,/tmp/fm_s2 \
+  python -m mixer_jax.tools.plot --workdir=/tmp/fmnist --out=/tmp/fmnist/curves.png
+  python -m mixer_jax.tools.plot --workdir=/tmp/fm_s0,/tmp/fm_s1,/tmp/fm_s2 \
       --out=docs/fashion_mnist_curves.png --title="Mixer on Fashion-MNIST"
 
 Two panels against the training step: loss (train, eval) and top-1 accuracy (train,
@@ -48,6 +48,8 @@ def read_metrics(workdir: str) -> Dict[str, List]:
 
 
 def plot(workdirs: Sequence[str], out: str, title: str = "") -> None:
+  # Imported here: choosing the Agg backend is process-wide, and importing this module
+  # (read_metrics) must not change it for the program that imports it.
   import matplotlib
   matplotlib.use("Agg")  # Files only; no display needed.
   import matplotlib.pyplot as plt

@@ -1,9 +1,9 @@
 r"""Parameter table, total count and FLOPs per image of a model variant.
 
-  python -m mixer_jax.summary --variant=B/16
-  python -m mixer_jax.summary --variant=S/32 --image_size=224 --num_classes=1000
-  python -m mixer_jax.summary --variant=resmlp_12 --notable
-  python -m mixer_jax.summary --variant=gmlp_s16 --notable
+  python -m mixer_jax.tools.summary --variant=B/16
+  python -m mixer_jax.tools.summary --variant=S/32 --image_size=224 --num_classes=1000
+  python -m mixer_jax.tools.summary --variant=resmlp_12 --notable
+  python -m mixer_jax.tools.summary --variant=gmlp_s16 --notable
 
 Nothing is allocated: shapes come from `jax.eval_shape`, FLOPs from XLA's cost
 analysis of the compiled forward pass for one image.
@@ -13,6 +13,8 @@ import json
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 
 from mixer_jax import checkpoint
 from mixer_jax import models
@@ -31,8 +33,6 @@ def define_flags():
 
 def forward_flops(model, image_size: int) -> float:
   """XLA's FLOP count of one forward pass on one image (multiply-add = 2)."""
-  import jax
-  import jax.numpy as jnp
   params = models.param_shapes(model, image_size)
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, image).compile()

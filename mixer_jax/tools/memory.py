@@ -1,10 +1,10 @@
 r"""Per-device memory of the train step on N devices, from a compile that never runs.
 
-  python -m mixer_jax.memory --config=configs/imagenet21k_pretrain.py:L/16 \
+  python -m mixer_jax.tools.memory --config=configs/imagenet21k_pretrain.py:L/16 \
       --num_devices=256 --num_classes=21843
-  python -m mixer_jax.memory --config=configs/default.py --num_devices=8 \
+  python -m mixer_jax.tools.memory --config=configs/default.py --num_devices=8 \
       --config.fsdp_min_size=0 --strategies=replicate,fsdp
-  python -m mixer_jax.memory --config=configs/imagenet21k_pretrain.py:L/16 \
+  python -m mixer_jax.tools.memory --config=configs/imagenet21k_pretrain.py:L/16 \
       --config.model.variant=H/14 --num_classes=21843 --num_devices=64 \
       --config.model.scan=True --remat_policies=none,full,dots_saveable
 
@@ -43,6 +43,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from mixer_jax import errors
+# JAX, and every module that imports it, is imported inside the functions: the device
+# count (XLA_FLAGS) must be set before JAX starts, and ensure_devices() tells from
+# whether jax is in sys.modules if it can still set it or must re-execute the tool.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
@@ -78,7 +81,7 @@ def ensure_devices(num_devices: int, argv) -> None:
   if jax.device_count() == num_devices and jax.devices()[0].platform == "cpu":
     return
   # JAX already started with other devices (its device count is fixed at start-up).
-  os.execve(sys.executable, [sys.executable, "-m", "mixer_jax.memory"] + list(argv[1:]),
+  os.execve(sys.executable, [sys.executable, "-m", "mixer_jax.tools.memory"] + list(argv[1:]),
             simulation_env(num_devices))
 
 
@@ -172,15 +175,15 @@ def run(config, num_devices: int, num_classes: int, strategies, remat_policies=(
   import jax
   from mixer_jax import models, sharding
   if jax.device_count() != num_devices:
-    raise errors.MemoryToolError(f"JAX has {jax.device_count()} devices, not --num_devices="
-                       f"{num_devices}; run `python -m mixer_jax.memory` (it sets them up).")
+    raise errors.ConfigError(f"JAX has {jax.device_count()} devices, not --num_devices="
+                       f"{num_devices}; run `python -m mixer_jax.tools.memory` (it sets them up).")
   for strategy in strategies:
     if strategy not in sharding.STRATEGIES:
-      raise errors.MemoryToolError(f"Unknown strategy {strategy!r} in --strategies; use "
+      raise errors.ConfigError(f"Unknown strategy {strategy!r} in --strategies; use "
                          f"{', '.join(sharding.STRATEGIES)}.")
   for policy in remat_policies:
     if policy not in models.REMAT_POLICIES:
-      raise errors.MemoryToolError(f"Unknown remat policy {policy!r} in --remat_policies; use "
+      raise errors.ConfigError(f"Unknown remat policy {policy!r} in --remat_policies; use "
                                    f"{', '.join(models.REMAT_POLICIES)}.")
   mesh = sharding.make_mesh(config.mesh_model)
   num_params = build(config, num_classes, strategies[0], mesh).num_params
