@@ -24,7 +24,7 @@ Model: taken from the checkpoint (`config.model.variant=""` and `image_size=0` m
 record, so nothing is re-typed. Setting a variant or size field checks it against the
 checkpoint instead, and a mismatch is one sentence naming both values, before anything
 runs. The head is re-initialised (zero kernel) when the dataset's class
-count differs from the checkpoint's (`checkpoint.load_pretrained`); a checkpoint with
+count differs from the checkpoint's (`weights.load_pretrained`); a checkpoint with
 the dataset's own class count keeps its head.
 
 Resolution: the checkpoint's (224 for the released files). `--config.image_size=448`
