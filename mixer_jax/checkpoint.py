@@ -76,8 +76,9 @@ def read_params(workdir: str, step: Optional[int] = None):
       logging.warning("Checkpoint step %d in %s is unreadable (%s); trying an earlier one.",
                       step, directory, e)
       unreadable.append(step)
-  raise errors.CheckpointError(f"{workdir} holds no readable checkpoint (tried steps {unreadable}); "
-                        "train first or pass another path.")
+  raise errors.CheckpointError(
+      f"{workdir} holds no readable checkpoint (tried steps {unreadable}); train first or "
+      "pass another path.")
 
 
 def _layout(tree) -> Optional[str]:

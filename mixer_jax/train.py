@@ -1,7 +1,9 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)`.
 
-Read top to bottom: check the config -> mesh -> data -> model -> optimiser -> state
-(restored, initialised from a checkpoint, or fresh) -> compiled steps -> loop.
+Read top to bottom: check the config (init_from's architecture taken first) -> mesh
+-> the workdir's session (lock, run record, model file, preemption: workdir.py) ->
+data -> model, optimiser, shardings -> state (restored, or fresh with init_from
+merged in: weights.init_state) -> compiled steps -> loop.
 Everything a user can get wrong is checked before anything is compiled.
 
 The train step is a pure function of (state, batch): every random number derives
@@ -109,116 +111,110 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
   eval_batch = state_lib.eval_batch_size(config, mesh)
   # --- The workdir: lock, run record (a resume may not silently change the run) ---
   with workdir_lib.session(config, workdir, mesh, accept_changes) as run:
-    return _train(config, run, mesh, eval_batch, pretrained, pretrained_info)
+    # --- Input pipeline ---------------------------------------------------------
+    source = input_pipeline.get_source(config)
+    info = input_pipeline.dataset_info(source, [config.train_split, config.eval_split])
+    input_pipeline.describe_splits(source, info, config)  # Counts; one class is refused.
+    num_classes = config.num_classes or info.num_classes
+    if num_classes < info.num_classes:
+      raise errors.ConfigError(
+          f"config.num_classes={num_classes} is smaller than the {info.num_classes} classes "
+          f"of {info.name}; labels would be out of range.")
+    total_steps = total_train_steps(config, info.num_examples[config.train_split])
 
+    # --- Model, optimiser, shardings (state.py) ---------------------------------
+    fields = state_lib.model_fields(config)
+    # Higher-resolution fine-tuning: K^2 token-mixing copies (resolution.py). A
+    # tokens_mlp_dim naming the checkpoint's own D_S (custom models spell out every
+    # size) still means "the pre-trained model": only K^2 * D_S can load it.
+    if (pretrained is not None and pretrained_info.get("image_size")
+        and config.model.tokens_mlp_dim in (0, pretrained_info["model"].get("tokens_mlp_dim"))
+        and pretrained_info["image_size"] != config.image_size):
+      fields.update(resolution.hires_model_overrides(pretrained, config.image_size))
+    setup = state_lib.Setup(config, num_classes, total_steps, fields=fields, mesh=mesh)
+    record = dict(model=fields, num_classes=num_classes, image_size=config.image_size,
+                  class_names=info.class_names, dataset=info.name,
+                  variant=config.model.variant)
+    run.check_model(record)
 
-def _train(config, run, mesh, eval_batch, pretrained, pretrained_info):
-  """The run itself, inside its workdir session."""
-  workdir = run.workdir
-  # --- Input pipeline ---------------------------------------------------------
-  source = input_pipeline.get_source(config)
-  info = input_pipeline.dataset_info(source, [config.train_split, config.eval_split])
-  input_pipeline.describe_splits(source, info, config)  # Counts; one class is refused.
-  num_classes = config.num_classes or info.num_classes
-  if num_classes < info.num_classes:
-    raise errors.ConfigError(
-        f"config.num_classes={num_classes} is smaller than the {info.num_classes} classes "
-        f"of {info.name}; labels would be out of range.")
-  total_steps = total_train_steps(config, info.num_examples[config.train_split])
+    # --- Train state: restored, or fresh (with init_from merged in) ---------------
+    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, setup.shardings)
+    run.callback(ckpts.close)
+    state = ckpts.restore_latest(setup.abstract_state)
+    if state is None:
+      state = weights.init_state(setup, pretrained, config.init_from)
+    start_step = int(jax.device_get(state["step"]))
+    if start_step >= total_steps:
+      final = metrics_lib.last_eval(workdir)
+      logging.warning("Run %s already finished at step %d (of %d); its final metrics: %s. "
+                      "Raise config.num_train_steps to train further, or use a new --workdir.",
+                      workdir, start_step, total_steps, final)
+      return final
+    run.start(start_step, config, record)
+    # The input position is the step: the stream resumes at the same global batch on
+    # any number of processes.
+    pc = jax.process_count()
+    train_iter = iter(input_pipeline.train_dataset(source, config, config.batch_size // pc,
+                                                   num_classes, jax.process_index(), pc,
+                                                   start_step))
 
-  # --- Model, optimiser, shardings (state.py) ---------------------------------
-  fields = state_lib.model_fields(config)
-  # Higher-resolution fine-tuning: K^2 token-mixing copies (resolution.py). A
-  # tokens_mlp_dim naming the checkpoint's own D_S (custom models spell out every
-  # size) still means "the pre-trained model": only K^2 * D_S can load it.
-  if (pretrained is not None and pretrained_info.get("image_size")
-      and config.model.tokens_mlp_dim in (0, pretrained_info["model"].get("tokens_mlp_dim"))
-      and pretrained_info["image_size"] != config.image_size):
-    fields.update(resolution.hires_model_overrides(pretrained, config.image_size))
-  setup = state_lib.Setup(config, num_classes, total_steps, fields=fields, mesh=mesh)
-  record = dict(model=fields, num_classes=num_classes, image_size=config.image_size,
-                class_names=info.class_names, dataset=info.name,
-                variant=config.model.variant)
-  run.check_model(record)
+    # --- Compiled steps -----------------------------------------------------------
+    train_step = setup.train_step()
+    evaluator = evaluation.Evaluator(setup.eval_step(), config, source, config.eval_split,
+                                     num_classes, mesh, eval_batch)
 
-  # --- Train state: restored, or fresh (with init_from merged in) ---------------
-  ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, setup.shardings)
-  run.callback(ckpts.close)
-  state = ckpts.restore_latest(setup.abstract_state)
-  if state is None:
-    state = weights.init_state(setup, pretrained, config.init_from)
-  start_step = int(jax.device_get(state["step"]))
-  if start_step >= total_steps:
-    final = metrics_lib.last_eval(workdir)
-    logging.warning("Run %s already finished at step %d (of %d); its final metrics: %s. "
-                    "Raise config.num_train_steps to train further, or use a new --workdir.",
-                    workdir, start_step, total_steps, final)
-    return final
-  run.start(start_step, config, record)
-  # The input position is the step: the stream resumes at the same global batch on
-  # any number of processes.
-  pc = jax.process_count()
-  train_iter = iter(input_pipeline.train_dataset(source, config, config.batch_size // pc,
-                                                 num_classes, jax.process_index(), pc,
-                                                 start_step))
-
-  # --- Compiled steps -----------------------------------------------------------
-  train_step = setup.train_step()
-  evaluator = evaluation.Evaluator(setup.eval_step(), config, source, config.eval_split,
-                                   num_classes, mesh, eval_batch)
-
-  # --- Loop ---------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir)
-  run.callback(writer.close)
-  run.callback(writer.flush)
-  progress = metrics_lib.Progress(total_steps, config.log_every_steps)
-  preemption = run.preemption
-  logging.info("Training %s (%s params) for %d steps from step %d on %d devices, %d processes.",
-               config.model.variant, f"{setup.num_params:,}", total_steps, start_step,
-               jax.device_count(), pc)
-  history, eval_metrics = [], {}
-  step = start_step
-  while step < total_steps:
-    local = next(train_iter)
-    if step == start_step and config.log_image_grid:
-      writer.write_images(step, {"train/augmented_images":
-                                 metrics_lib.image_grid(local["image"].numpy())})
-    batch = sharding.global_batch(input_pipeline.to_numpy(local), mesh)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    history.append((step, step_metrics))
-    is_last = step == total_steps
-    stop = preemption.should_stop(step)
-    if step % config.log_every_steps == 0 or is_last or stop:
-      rows = _check_metrics(history, config.nonfinite)
-      history = []
-      means = {f"train/{k}": np.mean([r[k] for _, r in rows]) for k in rows[0][1]
-               if k != "finite"}
-      means["train/nonfinite_steps"] = float(sum(1 - r["finite"] for _, r in rows))
-      means["train/learning_rate"] = float(setup.schedule(step - 1))
-      writer.write_scalars(step, means)
-    progress(step)
-    with progress.paused():
-      if step % config.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluator(state["params"])
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-      if config.fewshot_every_steps and (step % config.fewshot_every_steps == 0 or is_last):
-        # Linear probes on frozen pre-logits (paper's few-shot results).
-        shots = evaluation.fewshot_metrics(
-            setup.feature_model(),
-            {k: v for k, v in state["params"].items() if k != "head"}, config, source,
-            config.fewshot_train_split or config.train_split, config.eval_split,
-            num_classes, mesh, eval_batch)
-        writer.write_scalars(step, {f"fewshot/{k[len('fewshot_'):]}": v
-                                    for k, v in shots.items()})
-      if step % config.checkpoint_every_steps == 0 or is_last or stop:
-        _check_metrics(history, config.nonfinite)
-        ckpts.save(step, state)
-    if stop:
-      if preemption.interrupted:
-        raise errors.Interrupted(f"checkpoint saved at step {step}; run the same command "
-                                 "to resume.")
-      logging.warning("Preempted: checkpoint saved at step %d; run the same command to "
-                      "resume.", step)
-      break
-  return eval_metrics
+    # --- Loop ---------------------------------------------------------------------
+    writer = metrics_lib.MetricWriter(workdir)
+    run.callback(writer.close)
+    run.callback(writer.flush)
+    progress = metrics_lib.Progress(total_steps, config.log_every_steps)
+    preemption = run.preemption
+    logging.info("Training %s (%s params) for %d steps from step %d on %d devices, %d processes.",
+                 config.model.variant, f"{setup.num_params:,}", total_steps, start_step,
+                 jax.device_count(), pc)
+    history, eval_metrics = [], {}
+    step = start_step
+    while step < total_steps:
+      local = next(train_iter)
+      if step == start_step and config.log_image_grid:
+        writer.write_images(step, {"train/augmented_images":
+                                   metrics_lib.image_grid(local["image"].numpy())})
+      batch = sharding.global_batch(input_pipeline.to_numpy(local), mesh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      history.append((step, step_metrics))
+      is_last = step == total_steps
+      stop = preemption.should_stop(step)
+      if step % config.log_every_steps == 0 or is_last or stop:
+        rows = _check_metrics(history, config.nonfinite)
+        history = []
+        means = {f"train/{k}": np.mean([r[k] for _, r in rows]) for k in rows[0][1]
+                 if k != "finite"}
+        means["train/nonfinite_steps"] = float(sum(1 - r["finite"] for _, r in rows))
+        means["train/learning_rate"] = float(setup.schedule(step - 1))
+        writer.write_scalars(step, means)
+      progress(step)
+      with progress.paused():
+        if step % config.eval_every_steps == 0 or is_last:
+          eval_metrics = evaluator(state["params"])
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if config.fewshot_every_steps and (step % config.fewshot_every_steps == 0 or is_last):
+          # Linear probes on frozen pre-logits (paper's few-shot results).
+          shots = evaluation.fewshot_metrics(
+              setup.feature_model(),
+              {k: v for k, v in state["params"].items() if k != "head"}, config, source,
+              config.fewshot_train_split or config.train_split, config.eval_split,
+              num_classes, mesh, eval_batch)
+          writer.write_scalars(step, {f"fewshot/{k[len('fewshot_'):]}": v
+                                      for k, v in shots.items()})
+        if step % config.checkpoint_every_steps == 0 or is_last or stop:
+          _check_metrics(history, config.nonfinite)
+          ckpts.save(step, state)
+      if stop:
+        if preemption.interrupted:
+          raise errors.Interrupted(f"checkpoint saved at step {step}; run the same command "
+                                   "to resume.")
+        logging.warning("Preempted: checkpoint saved at step %d; run the same command to "
+                        "resume.", step)
+        break
+    return eval_metrics
