@@ -19,7 +19,7 @@ Failure of one process (the bound the README documents):
 So a surviving process exits non-zero within `heartbeat_timeout_s` plus a few seconds.
 A process that never starts makes the others give up after `init_timeout_s`.
 
-Preemption: train.PreemptionWatcher owns SIGTERM (see there); JAX's own preemption
+Preemption: workdir.PreemptionWatcher owns SIGTERM (see there); JAX's own preemption
 service, which would install a competing C++ SIGTERM handler, is switched off here.
 """
 
@@ -71,7 +71,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
   if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
     # CPU devices talk across processes through gloo (no-op for accelerators).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # SIGTERM belongs to train.PreemptionWatcher: JAX's preemption service would install
+  # SIGTERM belongs to workdir.PreemptionWatcher: JAX's preemption service would install
   # its own C++ handler, and its sync point (the largest step any process reported,
   # plus one) is never reached by a resumed run notified before its first step.
   jax.config.update("jax_enable_preemption_service", False)

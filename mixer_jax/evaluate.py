@@ -7,7 +7,7 @@ r"""Evaluates a Mixer checkpoint on a classification dataset: top-1, top-5, loss
 
 --checkpoint is a released-layout `.npz`, a timm-layout `.safetensors` (what
 `export --format=timm` writes), a training workdir of this codebase or one of its
-`checkpoints/<step>` directories (`checkpoint.load_params`). The model is built
+`checkpoints/<step>` directories (`weights.load_params`). The model is built
 from the checkpoint (its size fields and head width), so the config's model section
 does not matter; the config supplies the dataset and the evaluation preprocessing.
 
@@ -71,16 +71,16 @@ import tensorflow_datasets as tfds
 
 from configs import common
 
-from mixer_jax import checkpoint
 from mixer_jax import datasets
 from mixer_jax import distributed
 from mixer_jax import errors
 from mixer_jax import evaluator
 from mixer_jax import host_memory
-from mixer_jax import paths
 from mixer_jax import input_pipeline
+from mixer_jax import paths
 from mixer_jax import sharding
 from mixer_jax import state as state_lib
+from mixer_jax import weights
 
 # The split that holds the labelled evaluation images of datasets with a fixed one.
 KNOWN_SPLITS = {"imagenet2012": "validation", "imagenet2012_real": "validation",
@@ -198,8 +198,8 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
       class's accuracy.
   """
   state_lib.validate_config(config)
-  params, info = checkpoint.load_params(checkpoint_path)
-  desc = checkpoint.describe(params)
+  params, info = weights.load_params(checkpoint_path)
+  desc = weights.describe(params)
   size = resolve_image_size(checkpoint_path, info, desc["num_tokens"], image_size)
   num_classes = int(info.get("num_classes") or desc["num_classes"] or 0)
   early = _tfds_classes_before_preparing(config)

@@ -6,7 +6,7 @@ r"""Exports a Mixer, ResMLP or gMLP checkpoint for PyTorch/timm (safetensors) or
 Flags:
   --checkpoint  a released-layout `.npz`, a `.safetensors` in timm's layout (what
                 --format=timm writes) or a training workdir / `checkpoints/<step>` of
-                this codebase (read with `checkpoint.load_params`, which checks every
+                this codebase (read with `weights.load_params`, which checks every
                 key, shape and dtype of a file against the Mixer it describes).
   --format      `timm` (default) or `npz`.
   --output      the file to write: `.safetensors` for timm, `.npz` for npz (a name with
@@ -18,7 +18,7 @@ Flags:
 of the checkpoint's family, the layouts of `timm_layout.py` (every torch `Linear`
 weight is the transposed Flax kernel, the stem OIHW, ResMLP's Affine parameters
 (1, 1, C)). All tensors are contiguous float32; `timm_to_params` is the exact inverse,
-and `checkpoint.load_params` reads such a file back bit for bit.
+and `weights.load_params` reads such a file back bit for bit.
 
 ResMLP and gMLP: `timm.create_model("resmlp_12_224", ...)` etc. (the variant name plus
 `_224`) for the named sizes, otherwise `timm.models.mlp_mixer.MlpMixer` with the
@@ -45,7 +45,7 @@ create the timm model with the tanh approximation:
 (LayerNorm epsilon 1e-6 is already timm's default for Mixer.) timm expects NCHW
 inputs; feed the same [-1, 1]-scaled images as this codebase, transposed.
 
-`--format=npz` writes the released layout (`checkpoint.save_npz`), e.g. to turn a
+`--format=npz` writes the released layout (`weights.save_npz`), e.g. to turn a
 training workdir into a single file that the public tools read.
 """
 
@@ -55,10 +55,10 @@ from typing import Any, Dict, Mapping, Optional
 
 from absl import app, flags, logging
 
-from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import models
 from mixer_jax import paths
+from mixer_jax import weights
 from mixer_jax.timm_layout import params_to_timm, timm_to_params  # noqa: F401  (API)
 
 FORMATS = ("timm", "npz")
@@ -147,25 +147,25 @@ def export(checkpoint_path: str, fmt: str, output: str, overwrite: bool = False
   """Writes `output` in `fmt` ('timm' or 'npz'); returns the checkpoint info.
 
   Everything is checked before anything is written: the format, the output name, and
-  the checkpoint (a file must be a complete Mixer, see `checkpoint.load_file`).
+  the checkpoint (a file must be a complete Mixer, see `weights.load_file`).
   """
   if fmt not in FORMATS:
     raise errors.CheckpointError(
         f"Unknown format {fmt!r}; use --format=timm or --format=npz.")
   _check_output(output, fmt, overwrite)
-  params, info = checkpoint.load_params(checkpoint_path)
+  params, info = weights.load_params(checkpoint_path)
   if not os.path.isfile(checkpoint_path):  # Files are checked as they are read.
-    checkpoint.check_params(params, checkpoint_path)
+    weights.check_params(params, checkpoint_path)
   if fmt == "npz":
     try:
-      checkpoint.save_npz(params, output)
+      weights.save_npz(params, output)
     except OSError as e:
       raise errors.CheckpointError(
           f"Cannot write output {output} ({e.strerror or e}); choose a writable location.") from None
     return info
   from safetensors.numpy import save_file  # Only needed for this format.
   tensors = params_to_timm(params)
-  family = checkpoint.family_of(params).name
+  family = weights.family_of(params).name
   info = dict(info, family=family)
   name = timm_model_name(info["model"], family)
   if name is None:

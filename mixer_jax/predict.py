@@ -4,7 +4,7 @@ r"""Top-k predictions of a Mixer checkpoint on image files.
 
 PATH is a released-layout `.npz`, a timm-layout `.safetensors` (what
 `export --format=timm` writes) or a training workdir / `checkpoints/<step>` of this
-codebase (read with `checkpoint.load_params`, which checks a file's every key, shape
+codebase (read with `weights.load_params`, which checks a file's every key, shape
 and dtype before anything is compiled).
 
 Preprocessing (kept simple, as in the released fine-tuning code's evaluation): the
@@ -38,11 +38,11 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import paths
 from mixer_jax import state
 from mixer_jax.datasets import decode
+from mixer_jax import weights
 
 BATCH_SIZE = 32
 
@@ -134,13 +134,13 @@ def predict(checkpoint_path: str, image_paths: Sequence[str], top_k: int = 5,
     raise errors.ConfigError("No images given; pass one or more image files after the flags.")
   if top_k < 1:
     raise errors.ConfigError(f"--top_k={top_k} must be at least 1.")
-  params, info = checkpoint.load_params(checkpoint_path)
+  params, info = weights.load_params(checkpoint_path)
   num_classes = int(info.get("num_classes") or 0)
   if num_classes <= 0:
     raise errors.CheckpointError(f"{checkpoint_path} has no classification head (a features model), "
                        "so it cannot predict classes.")
   patch = int(info["model"]["patch_size"])
-  num_tokens = checkpoint.describe(params)["num_tokens"]
+  num_tokens = weights.describe(params)["num_tokens"]
   native = info.get("image_size")
   size = int(image_size or native or 0)
   if size <= 0:

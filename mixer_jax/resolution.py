@@ -236,8 +236,8 @@ def hires_model_overrides(pretrained_info: Mapping[str, Any], image_size: int) -
   """`create_model` overrides for fine-tuning a checkpoint at `image_size` (square).
 
   Args:
-    pretrained_info: the checkpoint's parameter tree, or `checkpoint.describe(params)`,
-      or the info dict of `checkpoint.load_params` (keys 'model' and 'image_size').
+    pretrained_info: the checkpoint's parameter tree, or `weights.describe(params)`,
+      or the info dict of `weights.load_params` (keys 'model' and 'image_size').
     image_size: the fine-tuning image side in pixels.
 
   Returns:

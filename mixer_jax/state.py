@@ -141,7 +141,7 @@ def build_model(config, num_classes: int, fields: Optional[Dict[str, int]] = Non
 
 
 def checkpoint_variant(info: Dict[str, Any]) -> str:
-  """The variant name for a checkpoint's model (`checkpoint.load_params`'s info).
+  """The variant name for a checkpoint's model (`weights.load_params`'s info).
 
   Released Mixer files do not name theirs; every size field is given then, so the
   letter is unused and only the family matters.

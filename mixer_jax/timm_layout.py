@@ -28,7 +28,7 @@ gMLP (`gmlp_*`, SpatialGatingBlock, GatedMlp):
   norm.{weight,bias}              <- pre_head_layer_norm/{scale,bias}
 
 with every torch `Linear` weight the transposed Flax kernel (out, in) and a LayerNorm's
-weight its scale. `export.py` writes these layouts (`params_to_timm`), `checkpoint.py`
+weight its scale. `export.py` writes these layouts (`params_to_timm`), `weights.py`
 reads them back (`timm_to_params`); float32 arrays round-trip bit for bit. The family
 of a tree is the name of its blocks; of a state dict, the modules its blocks hold.
 """
@@ -178,7 +178,7 @@ def timm_to_params(state_dict: Mapping[str, Any], source: str = "The state dict"
   nested Flax params.
 
   Entries are cast to float32 (the caller checks shapes and dtypes against the
-  timm names and shapes first where that matters: checkpoint.load_safetensors).
+  timm names and shapes first where that matters: weights.load_safetensors).
   """
   family = family_of_state_dict(state_dict) or "mixer"
   blocks = set()

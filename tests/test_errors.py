@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import config_flags, read_metrics, run_main, tiny_config
-from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import models
 from mixer_jax import train
+from mixer_jax import weights
 
 
 def guarded_run(config, workdir, capsys):
@@ -53,7 +53,7 @@ def tiny_npz(path, **model_overrides):
                 channels_mlp_dim=32)
   fields.update(model_overrides)
   model = models.create_model("S/2", 10, **fields)
-  checkpoint.save_npz(models.init_params(model, 8), str(path))
+  weights.save_npz(models.init_params(model, 8), str(path))
   return str(path)
 
 
@@ -261,7 +261,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path
     assert code == errors.USER_ERROR
     assert_one_sentence(err, "failed (")
     assert "is intact" in err and "free disk space" in err
-    params, _ = checkpoint.load_params(str(mount_point / "w"))  # The last good one reads.
+    params, _ = weights.load_params(str(mount_point / "w"))  # The last good one reads.
     assert params["stem"]["kernel"].shape == (2, 2, 3, 16)
   finally:
     subprocess.run(["umount", str(mount_point)], check=False)
@@ -278,8 +278,8 @@ def test_nonfinite_loss_stops_naming_the_step(data_dir, tmp_path, capsys):
   assert_one_sentence(err, "Non-finite")
   assert "at step" in err
   saved = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
-  params, _ = checkpoint.load_params(str(tmp_path / "w"))
-  assert all(np.isfinite(v).all() for v in checkpoint.flatten(params).values())
+  params, _ = weights.load_params(str(tmp_path / "w"))
+  assert all(np.isfinite(v).all() for v in weights.flatten(params).values())
   assert max(saved, default=0) < 6
 
 
@@ -291,8 +291,8 @@ def test_nonfinite_skip_counts_and_keeps_params_finite(data_dir, tmp_path):
   rows = read_metrics(tmp_path / "w")
   skipped = [r["train/nonfinite_steps"] for r in rows if "train/nonfinite_steps" in r]
   assert skipped and skipped[-1] >= 1
-  params, _ = checkpoint.load_params(str(tmp_path / "w"))
-  assert all(np.isfinite(v).all() for v in checkpoint.flatten(params).values())
+  params, _ = weights.load_params(str(tmp_path / "w"))
+  assert all(np.isfinite(v).all() for v in weights.flatten(params).values())
 
 
 def _free_port():

@@ -21,7 +21,7 @@ from PIL import Image
 
 from configs import common
 from configs import finetune
-from mixer_jax import checkpoint, evaluate, input_pipeline, models
+from mixer_jax import evaluate, input_pipeline, models, weights
 from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +35,13 @@ SYNSETS = ("n01440764", "n01443537", "n01751748")
 def write_checkpoint(path, num_classes, bias=None, seed=0):
   """Tiny random Mixer in the released layout; zero head kernel, given head bias."""
   model = models.create_model("S/4", num_classes, **TINY)
-  shapes = checkpoint.flatten(models.param_shapes(model, SIZE))
+  shapes = weights.flatten(models.param_shapes(model, SIZE))
   rng = np.random.default_rng(seed)
   flat = {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
   if num_classes:
     flat["head/kernel"] = np.zeros_like(flat["head/kernel"])
     flat["head/bias"] = np.zeros(num_classes, np.float32) if bias is None else bias
-  checkpoint.save_npz(checkpoint.unflatten(flat), path)
+  weights.save_npz(weights.unflatten(flat), path)
   return path
 
 

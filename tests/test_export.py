@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer_jax import checkpoint, export, models
+from mixer_jax import export, models, weights
 from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,13 +22,13 @@ IMAGE = 8  # 2x2 = 4 tokens.
 
 def _random_params(num_classes=NUM_CLASSES, seed=0):
   model = models.create_model("S/4", num_classes, **TINY)
-  shapes = checkpoint.flatten(models.param_shapes(model, IMAGE))
+  shapes = weights.flatten(models.param_shapes(model, IMAGE))
   rng = np.random.default_rng(seed)
   flat = {}
   for key, s in shapes.items():
     noise = rng.normal(size=s.shape).astype(np.float32)
     flat[key] = 1.0 + 0.3 * noise if key.endswith("scale") else 0.5 * noise
-  return model, checkpoint.unflatten(flat)
+  return model, weights.unflatten(flat)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_round_trip_is_exact(tiny):
   _, params = tiny
   sd = export.params_to_timm(params)
   back = export.timm_to_params(sd)
-  a, b = checkpoint.flatten(params), checkpoint.flatten(back)
+  a, b = weights.flatten(params), weights.flatten(back)
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -137,7 +137,7 @@ def _run_cli(*args):
 def test_cli_both_formats_and_errors(tiny, tmp_path):
   from safetensors.numpy import load_file, safe_open
   ckpt = str(tmp_path / "tiny.npz")
-  checkpoint.save_npz(tiny[1], ckpt)
+  weights.save_npz(tiny[1], ckpt)
 
   out = str(tmp_path / "out" / "tiny.safetensors")
   r = _run_cli(f"--checkpoint={ckpt}", "--format=timm", f"--output={out}")
@@ -154,8 +154,8 @@ def test_cli_both_formats_and_errors(tiny, tmp_path):
 
   out_npz = str(tmp_path / "copy.npz")
   export.export(ckpt, "npz", out_npz)  # In-process (same code path as the CLI).
-  a, b = checkpoint.flatten(checkpoint.load_npz(ckpt)), checkpoint.flatten(
-      checkpoint.load_npz(out_npz))
+  a, b = weights.flatten(weights.load_npz(ckpt)), weights.flatten(
+      weights.load_npz(out_npz))
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
   r = _run_cli(f"--checkpoint={ckpt}", "--format=onnx", f"--output={out}")
@@ -170,7 +170,7 @@ def test_cli_both_formats_and_errors(tiny, tmp_path):
 
 def test_cli_unwritable_output_exit_code(tiny, tmp_path):
   ckpt = str(tmp_path / "tiny.npz")
-  checkpoint.save_npz(tiny[1], ckpt)
+  weights.save_npz(tiny[1], ckpt)
   blocker = tmp_path / "file"
   blocker.write_text("x")
   r = _run_cli(f"--checkpoint={ckpt}", "--format=npz", f"--output={blocker}/x.npz")
@@ -197,7 +197,7 @@ def test_torch_timm_parity(tiny):
 
 def test_output_checks_before_writing(tiny, tmp_path, monkeypatch):
   ckpt = str(tmp_path / "tiny.npz")
-  checkpoint.save_npz(tiny[1], ckpt)
+  weights.save_npz(tiny[1], ckpt)
   for fmt, output, fragment in [
       ("timm", "x.npz", "has the extension of --format=npz, not of --format=timm; name it "
                         "*.safetensors or pass --format=npz."),
@@ -206,7 +206,7 @@ def test_output_checks_before_writing(tiny, tmp_path, monkeypatch):
     with pytest.raises(errors.CheckpointError, match=re.escape(fragment)):
       export.export(ckpt, fmt, str(tmp_path / output))
   export.export(ckpt, "npz", ckpt, overwrite=True)  # Asked: replaced, still complete.
-  assert checkpoint.load_npz(ckpt).keys() == tiny[1].keys()
+  assert weights.load_npz(ckpt).keys() == tiny[1].keys()
 
   import safetensors.numpy
   def half_written(tensors, path, metadata=None):
@@ -221,8 +221,8 @@ def test_output_checks_before_writing(tiny, tmp_path, monkeypatch):
 def test_exported_safetensors_exports_again(tiny, tmp_path):
   """Our own timm file is a valid --checkpoint: back to .npz, bit for bit."""
   ckpt, st, back = (str(tmp_path / n) for n in ("a.npz", "a.safetensors", "b.npz"))
-  checkpoint.save_npz(tiny[1], ckpt)
+  weights.save_npz(tiny[1], ckpt)
   export.export(ckpt, "timm", st)
   export.export(st, "npz", back)
-  a, b = checkpoint.flatten(tiny[1]), checkpoint.flatten(checkpoint.load_npz(back))
+  a, b = weights.flatten(tiny[1]), weights.flatten(weights.load_npz(back))
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

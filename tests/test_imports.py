@@ -19,7 +19,7 @@ FLOORS = {
     1: ("models", "optim", "sharding", "metrics", "distributed", "fewshot", "augment",
         "resolution", "datasets", "timm_layout", "run_record", "workdir_lock"),
     2: ("steps", "checkpoint", "input_pipeline"),
-    3: ("state",),
+    3: ("state", "weights", "workdir"),
     4: ("evaluator",),
     5: ("train",),
     6: ("main", "evaluate", "predict", "export", "tools"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixer_jax import checkpoint, models, predict
+from mixer_jax import models, predict, weights
 from mixer_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,11 +18,11 @@ TINY = dict(patch_size=4, num_blocks=1, hidden_dim=16, tokens_mlp_dim=8, channel
 
 def _write_checkpoint(path, num_classes, seed=0):
   model = models.create_model("S/4", num_classes, **TINY)
-  shapes = checkpoint.flatten(models.param_shapes(model, 8))
+  shapes = weights.flatten(models.param_shapes(model, 8))
   rng = np.random.default_rng(seed)
   flat = {k: (1.0 if k.endswith("scale") else 0.0) + rng.normal(size=s.shape).astype(np.float32)
           for k, s in shapes.items()}
-  checkpoint.save_npz(checkpoint.unflatten(flat), path)
+  weights.save_npz(weights.unflatten(flat), path)
   return path
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer_jax import checkpoint, models, resolution
+from mixer_jax import models, resolution, weights
 from mixer_jax import errors
 
 TINY = dict(patch_size=4, num_blocks=2, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32)
@@ -27,7 +27,7 @@ def _fresh_params(model, size):
 def pretrained():
   """Random, non-zero parameters (heads and LayerNorms included) of an 8x8 model."""
   params = _fresh_params(_model(NUM_CLASSES), 8)
-  flat = checkpoint.flatten(params)
+  flat = weights.flatten(params)
   rng = np.random.default_rng(0)
   for key, value in flat.items():
     noise = rng.normal(size=value.shape).astype(np.float32)
@@ -35,7 +35,7 @@ def pretrained():
       flat[key] = 1.0 + 0.3 * noise
     else:
       flat[key] = 0.5 * noise
-  return checkpoint.unflatten(flat)
+  return weights.unflatten(flat)
 
 
 def _apply(model, params, images):
@@ -59,7 +59,7 @@ def test_hires_model_is_mean_of_crops(pretrained, k):
 
   # Features (pooled pre-logits) of the fine-tuning init = mean over the K^2 crops.
   feat_hi = _model(0, **overrides)
-  feat_params = checkpoint.load_pretrained(_fresh_params(feat_hi, size), pretrained,
+  feat_params = weights.load_pretrained(_fresh_params(feat_hi, size), pretrained,
                                            source="tiny")
   feat_lo = _model(0)
   pre_no_head = {k_: v for k_, v in pretrained.items() if k_ != "head"}
@@ -69,7 +69,7 @@ def test_hires_model_is_mean_of_crops(pretrained, k):
 
   # Logits (the head is kept since the class count matches) = mean of crop logits.
   cls_hi = _model(NUM_CLASSES, **overrides)
-  cls_params = checkpoint.load_pretrained(_fresh_params(cls_hi, size), pretrained,
+  cls_params = weights.load_pretrained(_fresh_params(cls_hi, size), pretrained,
                                           source="tiny")
   np.testing.assert_array_equal(cls_params["head"]["kernel"], pretrained["head"]["kernel"])
   cls_lo = _model(NUM_CLASSES)
@@ -80,8 +80,8 @@ def test_hires_model_is_mean_of_crops(pretrained, k):
 
 
 def test_block_diagonal_layout(pretrained):
-  flat = checkpoint.flatten(pretrained)
-  init = checkpoint.flatten(models.param_shapes(_model(NUM_CLASSES, tokens_mlp_dim=32), 16))
+  flat = weights.flatten(pretrained)
+  init = weights.flatten(models.param_shapes(_model(NUM_CLASSES, tokens_mlp_dim=32), 16))
   out = resolution.expand_if_needed(init, flat, source="tiny")
   p = "MixerBlock_1/token_mixing"
   k0, b0 = flat[f"{p}/Dense_0/kernel"], flat[f"{p}/Dense_0/bias"]
@@ -104,7 +104,7 @@ def test_block_diagonal_layout(pretrained):
   # Everything else untouched; same token count -> the very same dict.
   assert out["MixerBlock_1/channel_mixing/Dense_0/kernel"] is flat[
       "MixerBlock_1/channel_mixing/Dense_0/kernel"]
-  same = checkpoint.flatten(models.param_shapes(_model(NUM_CLASSES), 8))
+  same = weights.flatten(models.param_shapes(_model(NUM_CLASSES), 8))
   assert resolution.expand_if_needed(same, flat, source="tiny") is flat
 
 
@@ -112,7 +112,7 @@ def test_non_multiple_size_is_one_sentence_error(pretrained):
   model = _model(NUM_CLASSES, tokens_mlp_dim=32)
   init = models.param_shapes(model, 12)  # 3x3 tokens: 9 is not K^2 * 4.
   with pytest.raises(errors.CheckpointError) as e:
-    checkpoint.load_pretrained(init, pretrained, source="tiny.npz")
+    weights.load_pretrained(init, pretrained, source="tiny.npz")
   msg = str(e.value)
   assert "8, 16, 24 px" in msg and "12 px" in msg and msg.count(". ") == 0, msg
   with pytest.raises(errors.CheckpointError, match="8, 16, 24 px"):
@@ -124,11 +124,11 @@ def test_non_multiple_size_is_one_sentence_error(pretrained):
 def test_wrong_tokens_mlp_dim(pretrained):
   init = models.param_shapes(_model(NUM_CLASSES), 16)  # Built with the original D_S.
   with pytest.raises(errors.CheckpointError, match="tokens_mlp_dim=32"):
-    checkpoint.load_pretrained(init, pretrained, source="tiny.npz")
+    weights.load_pretrained(init, pretrained, source="tiny.npz")
 
 
 def test_overrides_from_describe_and_info(pretrained):
-  info = checkpoint.describe(pretrained)
+  info = weights.describe(pretrained)
   assert resolution.hires_model_overrides(info, 8) == {"tokens_mlp_dim": 8}
   assert resolution.hires_model_overrides(info, 32) == {"tokens_mlp_dim": 128}
   load_info = {"image_size": 8, "model": dict(TINY)}
@@ -151,14 +151,14 @@ def test_resmlp_and_gmlp_start_as_copies_of_the_crops(variant):
   pre = jax.tree_util.tree_map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(np.float32),
                                models.param_shapes(lo, 8))
   assert resolution.hires_model_overrides(pre, 16) == {}
-  params = checkpoint.load_pretrained(_fresh_params(hi, 16), pre, source="tiny")
-  maps = [k for k in checkpoint.flatten(params) if k.endswith("proj/kernel")
+  params = weights.load_pretrained(_fresh_params(hi, 16), pre, source="tiny")
+  maps = [k for k in weights.flatten(params) if k.endswith("proj/kernel")
           or k.endswith("token_mixing/kernel")]
-  assert len(maps) == 2 and all(checkpoint.flatten(params)[k].shape == (16, 16) for k in maps)
+  assert len(maps) == 2 and all(weights.flatten(params)[k].shape == (16, 16) for k in maps)
   images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   logits = _apply(hi, params, images)
   np.testing.assert_allclose(logits, _mean_over_crops(lo, pre, images, 2), atol=1e-5,
                              rtol=1e-5)
   assert np.abs(logits).max() > 1e-2
   with pytest.raises(errors.CheckpointError, match="integer multiples K of its side"):
-    checkpoint.load_pretrained(_fresh_params(hi, 12), pre, source="tiny")
+    weights.load_pretrained(_fresh_params(hi, 12), pre, source="tiny")

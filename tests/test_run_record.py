@@ -19,6 +19,7 @@ from mixer_jax import errors
 from mixer_jax import metrics
 from mixer_jax import run_record
 from mixer_jax import train
+from mixer_jax import workdir as workdir_lib
 from mixer_jax import workdir_lock
 
 
@@ -163,14 +164,14 @@ def test_progress_eta_counts_training_time_only():
 def test_ctrl_c_saves_then_exits_130(
     data_dir, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / "w")
-  should_stop = train.PreemptionWatcher.should_stop
+  should_stop = workdir_lib.PreemptionWatcher.should_stop
 
   def press_ctrl_c_at_step_2(self, step):
     if step == 2:
       os.kill(os.getpid(), signal.SIGINT)
     return should_stop(self, step)
 
-  monkeypatch.setattr(train.PreemptionWatcher, "should_stop", press_ctrl_c_at_step_2)
+  monkeypatch.setattr(workdir_lib.PreemptionWatcher, "should_stop", press_ctrl_c_at_step_2)
   config = tiny_config(data_dir, num_train_steps=8, checkpoint_every_steps=100,
                        eval_every_steps=100)
   with pytest.raises(errors.Interrupted, match="checkpoint saved at step 4") as e:

@@ -104,9 +104,9 @@ def test_fsdp_and_model_axis_match_replicate_on_8_devices(digits_folder, tmp_pat
 
   # This process has 1 device: evaluate, predict and export read the 8-device
   # checkpoints (sharded or not) whole.
-  from mixer_jax import checkpoint
+  from mixer_jax import weights
   for name in ("replicate", "fsdp"):
-    params, _ = checkpoint.load_params(str(tmp_path / name))
+    params, _ = weights.load_params(str(tmp_path / name))
     prefix = "['params']"
     saved = {k[len(prefix):]: a for k, a in out[name]["state"].items() if k.startswith(prefix)}
     loaded = {jax.tree_util.keystr(p): leaf

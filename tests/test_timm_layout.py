@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mixer_jax import checkpoint, errors, export, models, state, timm_layout
+from mixer_jax import errors, export, models, state, timm_layout, weights
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 FAMILIES = ("mixer", "resmlp", "gmlp")
@@ -37,10 +37,10 @@ def _fixture(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_timm_golden_files(family, kernels):
   path, images, golden, meta = _fixture(family)
-  params, info = checkpoint.load_params(path)  # Every key, shape and dtype checked.
+  params, info = weights.load_params(path)  # Every key, shape and dtype checked.
   assert info["model"] == EXPECTED_FIELDS[family] and info["num_classes"] == 5
   assert info["image_size"] == meta["img_size"] == 16
-  assert checkpoint.family_of(params).name == family
+  assert weights.family_of(params).name == family
   model = models.create_model(state.checkpoint_variant(info), 5, **info["model"],
                               kernels=kernels)
   logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images))
@@ -54,20 +54,20 @@ def test_logits_match_timm_golden_files(family, kernels):
 def test_timm_files_round_trip_bit_for_bit(family, tmp_path):
   path = _fixture(family)[0]
   original = load_file(path)
-  params, _ = checkpoint.load_params(path)
+  params, _ = weights.load_params(path)
   again = export.params_to_timm(params)
   assert sorted(again) == sorted(original)
   for name, value in original.items():
     assert again[name].dtype == value.dtype and np.array_equal(again[name], value), name
   # Through the exporter and back: the same tensors, the family's timm name in metadata.
   npz, out = str(tmp_path / "m.npz"), str(tmp_path / "m.safetensors")
-  checkpoint.save_npz(params, npz)
+  weights.save_npz(params, npz)
   export.export(npz, "timm", out)
   for name, value in load_file(out).items():
     assert np.array_equal(value, original[name]), name
-  back, _ = checkpoint.load_params(out)
-  for key, value in checkpoint.flatten(params).items():
-    assert np.array_equal(checkpoint.flatten(back)[key], value), key
+  back, _ = weights.load_params(out)
+  for key, value in weights.flatten(params).items():
+    assert np.array_equal(weights.flatten(back)[key], value), key
 
 
 def test_timm_names_of_the_new_families():
@@ -109,7 +109,7 @@ def test_a_bad_timm_file_is_one_sentence_naming_file_and_entry(tmp_path, family,
   change(state_dict)
   path = _resave(tmp_path, family, state_dict)
   with pytest.raises(errors.CheckpointError) as e:
-    checkpoint.load_params(path)
+    weights.load_params(path)
   message = str(e.value)
   assert message.startswith(f"{path} ") and "\n" not in message
   assert fragment in message, message
@@ -119,10 +119,10 @@ def test_families_are_told_apart_and_a_file_of_another_family_is_refused():
   assert timm_layout.family_of_state_dict(load_file(_fixture("resmlp")[0])) == "resmlp"
   assert timm_layout.family_of_state_dict(load_file(_fixture("gmlp")[0])) == "gmlp"
   assert timm_layout.family_of_state_dict(load_file(_fixture("mixer")[0])) == "mixer"
-  resmlp, _ = checkpoint.load_params(_fixture("resmlp")[0])
+  resmlp, _ = weights.load_params(_fixture("resmlp")[0])
   gmlp_model = models.create_model("gmlp_s16", 5, **EXPECTED_FIELDS["gmlp"])
   with pytest.raises(errors.CheckpointError, match=re.escape(
       "r.safetensors is a ResMLP but the config asks for a gMLP; set "
       "config.model.variant to a ResMLP variant")):
-    checkpoint.load_pretrained(models.param_shapes(gmlp_model, 16), resmlp,
+    weights.load_pretrained(models.param_shapes(gmlp_model, 16), resmlp,
                                source="r.safetensors")

@@ -41,6 +41,8 @@ from mixer_jax import models
 from mixer_jax import resolution
 from mixer_jax import run_record
 from mixer_jax import train
+from mixer_jax import weights
+from mixer_jax import workdir as workdir_lib
 from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint, write_folder
 
 
@@ -75,7 +77,7 @@ def test_scanned_and_unrolled_runs_resume_from_each_other(trained, data_dir, tmp
                                                           monkeypatch):
   """The straight run's step 2 (unrolled) resumed scanned for step 3 (stopped there as
   if preempted), then unrolled for step 4: the straight run's losses and parameters to
-  float32 rounding; the scanned run wrote the unrolled run's files. (Runs before
+  float32 rounding; each run wrote its own layout. (Runs before
   test_rerun_resumes..., which extends the `trained` run.)"""
   from test_checkpoint import stored_items
   reference, _ = trained
@@ -84,10 +86,12 @@ def test_scanned_and_unrolled_runs_resume_from_each_other(trained, data_dir, tmp
   shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
   os.remove(os.path.join(workdir, "metrics.jsonl"))
   with monkeypatch.context() as m:
-    m.setattr(train.PreemptionWatcher, "should_stop", lambda self, step: step == 3)
+    m.setattr(workdir_lib.PreemptionWatcher, "should_stop", lambda self, step: step == 3)
     train.train_and_evaluate(tiny_config(data_dir, **{"model.scan": True}), workdir)
-  assert stored_items(workdir, 3) == stored_items(reference, 2)
+  stored = stored_items(workdir, 3)  # The scanned run kept its own layout...
+  assert "['MixerBlock']['token_mixing']['Dense_0']['kernel']" in stored["params"]
   train.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert stored_items(workdir, 4) == stored_items(reference, 4)  # ...and the unrolled its.
   starts = run_record.read(workdir)["starts"]
   assert [(s["step"], "model.scan" in s.get("accepted_changes", {})) for s in starts] == [
       (0, False), (2, True), (3, True)]  # Changed both times, without --accept_changes.
@@ -100,7 +104,7 @@ def test_scanned_and_unrolled_runs_resume_from_each_other(trained, data_dir, tmp
       ref[4]["train/loss"], rel=1e-5)
   assert rows[4]["eval/accuracy"] == ref[4]["eval/accuracy"]
   assert rows[4]["eval/loss"] == pytest.approx(ref[4]["eval/loss"], rel=1e-5)
-  got, want = (checkpoint.flatten(checkpoint.load_params(os.path.join(w, "checkpoints", "4"))[0])
+  got, want = (weights.flatten(weights.load_params(os.path.join(w, "checkpoints", "4"))[0])
                for w in (workdir, reference))
   assert got.keys() == want.keys()
   for key in want:
@@ -242,7 +246,7 @@ def test_init_from_a_workdir_takes_its_architecture(trained, data_dir, tmp_path)
 def test_preemption_watcher_agrees_lag_steps_after_the_signal():
   import jax
   from mixer_jax import sharding
-  watcher = train.PreemptionWatcher(sharding.make_mesh(1, jax.devices()[:1]))
+  watcher = workdir_lib.PreemptionWatcher(sharding.make_mesh(1, jax.devices()[:1]))
   try:
     assert not watcher.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -399,12 +403,12 @@ def test_finetune_end_to_end(tmp_path):
       logits = model.apply({"params": p}, batch["image"], train=False)
       return optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], 3)).mean()
 
-    grads = checkpoint.flatten(jax.device_get(jax.grad(loss)(checkpoint.unflatten(
+    grads = weights.flatten(jax.device_get(jax.grad(loss)(weights.unflatten(
         {k: jnp.asarray(v) for k, v in flat_params.items()}))))
     norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in grads.values())))
     return {k: g * min(1.0, config.grad_clip_norm / norm) for k, g in grads.items()}
 
-  start = checkpoint.flatten(checkpoint.load_npz(npz_path))
+  start = weights.flatten(weights.load_npz(npz_path))
   start["head/kernel"] = np.zeros((NPZ_TINY["hidden_dim"], 3), np.float32)
   start["head/bias"] = np.zeros(3, np.float32)
   lr = [config.learning_rate, config.learning_rate * 0.5]  # Cosine over 2 steps, no warmup.
@@ -413,9 +417,9 @@ def test_finetune_end_to_end(tmp_path):
   g2 = clipped_grads(expected1)
   expected2 = {k: expected1[k] - lr[1] * (g2[k] + config.momentum * g1[k]) for k in start}
 
-  step1, info = checkpoint.load_params(os.path.join(workdir, "checkpoints", "1"))
-  step2, _ = checkpoint.load_params(os.path.join(workdir, "checkpoints", "2"))
-  step1, step2 = checkpoint.flatten(step1), checkpoint.flatten(step2)
+  step1, info = weights.load_params(os.path.join(workdir, "checkpoints", "1"))
+  step2, _ = weights.load_params(os.path.join(workdir, "checkpoints", "2"))
+  step1, step2 = weights.flatten(step1), weights.flatten(step2)
   assert set(step1) == set(start) and info["num_classes"] == 3
   for k in start:
     np.testing.assert_allclose(step1[k], expected1[k], atol=2e-6, err_msg=k)
@@ -450,8 +454,8 @@ def test_finetune_higher_resolution(tmp_path):
   assert record["image_size"] == 16
   assert record["model"] == dict(NPZ_TINY, tokens_mlp_dim=4 * NPZ_TINY["tokens_mlp_dim"])
   # The zero head passes no gradient to the body in step 1: the body is still the init.
-  step1 = checkpoint.flatten(checkpoint.load_params(workdir)[0])
-  pre = checkpoint.flatten(checkpoint.load_npz(npz_path))
+  step1 = weights.flatten(weights.load_params(workdir)[0])
+  pre = weights.flatten(weights.load_npz(npz_path))
   prefix = "MixerBlock_0/token_mixing/"
   expanded = resolution.expand_token_mixing(
       *(pre[prefix + n] for n in ("Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel",
@@ -522,8 +526,8 @@ def _save_in_progress(workdir) -> bool:
 
 
 def _final_params(workdir):
-  params, _ = checkpoint.load_params(str(workdir))
-  return checkpoint.flatten(params)
+  params, _ = weights.load_params(str(workdir))
+  return weights.flatten(params)
 
 
 def _assert_identical(a, b):

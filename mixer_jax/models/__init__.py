@@ -13,7 +13,7 @@ Mixer takes the paper's names ("B/16", any "<S|B|L|H>/<patch>"); ResMLP and gMLP
 timm's (resmlp_12, resmlp_24, resmlp_36, resmlp_big_24, gmlp_ti16, gmlp_s16, gmlp_b16;
 timm's "_224" suffix left out: the resolution is the input's). `family(variant)` gives
 a variant's Family: its name, its size fields, its block name, and the parameters
-whose shapes give its sizes (`shape_keys`, read by checkpoint.describe).
+whose shapes give its sizes (`shape_keys`, read by weights.describe).
 
 `kernels` picks the ops a module computes with: "xla" = the plain ops of the family
 file, "cpu" = the faster equal forms of `mixer_jax/kernels/cpu.py` (through the

@@ -16,8 +16,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import checkpoint
 from mixer_jax import models
+from mixer_jax import weights
 
 FLAGS = flags.FLAGS
 
@@ -43,7 +43,7 @@ def forward_flops(model, image_size: int) -> float:
 
 def summarize(variant: str, image_size: int, num_classes: int):
   model = models.create_model(variant, num_classes)
-  shapes = checkpoint.flatten(models.param_shapes(model, image_size))
+  shapes = weights.flatten(models.param_shapes(model, image_size))
   rows = [(k, tuple(v.shape), int(v.size)) for k, v in shapes.items()]
   return model, rows
 
