@@ -537,3 +537,34 @@ def test_folder_links_out_of_the_root_followed_once(tmp_path):
   cat = src.class_names.index('cat')
   assert sorted(os.path.basename(p) for p, label in src.split('train')
                 if label == cat) == ['000.jpg', '001.png', 'x.png', 'y.png']
+
+
+# ------------------------------------------------- the table of how to prepare
+class _Unprepared:
+  """What datasets.prepare reads of a TFDS builder that is not prepared."""
+
+  def __init__(self, data_dir, builder_config=None):
+    self.data_dir, self.builder_config = data_dir, builder_config
+    self.prepared_with = None
+
+  def download_and_prepare(self, **kwargs):
+    self.prepared_with = kwargs
+
+
+def test_the_table_prepares_ours_and_refuses_the_rest_in_one_sentence(tmp_path):
+  import mixer_jax.datasets as registry
+  from mixer_jax import errors
+  builder = _Unprepared(str(tmp_path / 'mixer_digits' / '1.0.0'))
+  registry.prepare(builder, 'mixer_digits')
+  assert builder.prepared_with == {}  # Built here, offline.
+  with pytest.raises(errors.DataError, match=r"^TFDS dataset fashion_mnist is not prepared in "
+                     r".* would need a download; use --config.dataset=mixer_fashion_mnist, "):
+    registry.prepare(_Unprepared(str(tmp_path)), 'fashion_mnist:3.0.1')
+  with pytest.raises(errors.DataError, match=r"^TFDS dataset cifar10 is not prepared in .*; "
+                     r"prepare it on a machine with internet \(`tfds build cifar10 "):
+    registry.prepare(_Unprepared(str(tmp_path)), 'cifar10')
+  # By its base name, with TFDS's default manual dir DATA_DIR/downloads/manual.
+  where = tmp_path / 'imagenet2012' / '5.1.0'
+  with pytest.raises(errors.DataError, match=r"ILSVRC2012_img_val.tar in the manual dir .*, "
+                     f"here {tmp_path}/downloads/manual, and run again."):
+    registry.prepare(_Unprepared(str(where)), 'imagenet2012:5.1.0')

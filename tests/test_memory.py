@@ -51,3 +51,18 @@ def test_memory_simulation_env_replaces_device_count():
   assert env["JAX_PLATFORMS"] == "cpu"
 
 
+
+
+def test_memory_tool_checks_the_config_like_training():
+  # The tool reads a training config: the one config check refuses it, in process (the
+  # tool's JAX is already set up here with however many devices this test has).
+  import jax
+  import pytest
+  from configs import common
+  from mixer_jax import errors
+  from mixer_jax.tools import memory
+  config = common.base_config()
+  config.model.variant = "S/32"
+  config.optimizer = "lars"
+  with pytest.raises(errors.ConfigError, match="config.optimizer='lars' is not one of"):
+    memory.run(config, jax.device_count(), 10, ["replicate"])

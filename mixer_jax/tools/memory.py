@@ -173,7 +173,8 @@ def report(header: dict, rows) -> str:
 def run(config, num_devices: int, num_classes: int, strategies, remat_policies=()) -> dict:
   """Rows for every strategy x remat policy (none given: the config's policy)."""
   import jax
-  from mixer_jax import models, sharding
+  from mixer_jax import models, sharding, state
+  state.validate_config(config)  # The one config check; the library trusts its inputs.
   if jax.device_count() != num_devices:
     raise errors.ConfigError(f"JAX has {jax.device_count()} devices, not --num_devices="
                        f"{num_devices}; run `python -m mixer_jax.tools.memory` (it sets them up).")
