@@ -2,7 +2,7 @@
 
 `~` is expanded and a relative path is made absolute against the working directory,
 so `--workdir=runs/x` means the same thing to orbax (which needs absolute paths), TFDS
-and the log. URLs (`gs://...`) pass through unchanged.
+and the log. URLs (`gs://...`) and hub names (`hf-hub:ORG/REPO`) pass through unchanged.
 """
 
 import os
@@ -10,11 +10,12 @@ import os
 # Config keys that hold paths; `dataset` holds one after "folder:".
 CONFIG_KEYS = ("data_dir", "manual_dir", "init_from")
 FOLDER_PREFIX = "folder:"
+HUB_PREFIX = "hf-hub:"  # hub.PREFIX
 
 
 def resolve(path: str) -> str:
-  """Absolute form of a local path ('' and URLs unchanged)."""
-  if not path or "://" in path:
+  """Absolute form of a local path ('', URLs and hf-hub: names unchanged)."""
+  if not path or "://" in path or path.startswith(HUB_PREFIX):
     return path
   return os.path.abspath(os.path.expanduser(path))
 

@@ -48,6 +48,7 @@ from flax import traverse_util
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
+from mixer_jax import hub
 from mixer_jax import models
 from mixer_jax import resolution
 from mixer_jax import timm_layout
@@ -390,7 +391,8 @@ def init_state(setup, pretrained: Optional[Mapping[str, Any]], source: str):
 
 def load_params(path: str):
   """Parameters and model info from a released `.npz`, a timm `.safetensors` (both
-  checked complete, see `load_file`), a workdir or a step dir.
+  checked complete, see `load_file`), an `hf-hub:` name (hub.py: the repository's
+  timm `.safetensors`), a workdir or a step dir.
 
   Returns (params as nested numpy dict in the released, unrolled layout, also for a
   scanned model's workdir, info) with info keys `model` (create_model
@@ -398,6 +400,11 @@ def load_params(path: str):
   and `variant` where known (a workdir's; for a file of a ResMLP or gMLP, the
   family's variant of those sizes: `models.variant_for`).
   """
+  if hub.is_hub_name(path):  # hf-hub:ORG/REPO[@REVISION]: its model.safetensors, cached.
+    try:
+      path = hub.download(path)
+    except ValueError as e:
+      raise errors.CheckpointError(str(e)) from None
   if os.path.isfile(path):
     params = load_file(path)
     desc = describe(params)

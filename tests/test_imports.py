@@ -15,7 +15,7 @@ PACKAGE = os.path.join(REPO, "mixer_jax")
 
 # Top-level modules and subpackages of mixer_jax, by floor.
 FLOORS = {
-    0: ("errors", "kernels", "host_memory", "paths"),
+    0: ("errors", "kernels", "host_memory", "paths", "hub"),
     1: ("models", "optim", "sharding", "metrics", "distributed", "fewshot", "augment",
         "resolution", "datasets", "timm_layout", "run_record", "workdir_lock"),
     2: ("steps", "checkpoint", "input_pipeline"),
