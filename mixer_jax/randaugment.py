@@ -90,7 +90,7 @@ def _level(magnitude):
 
 
 def _enhance_factor(magnitude, sign):
-  return 1.0 + sign * 0.9 * _level(magnitude)
+  return 1.0 + _product(sign * 0.9, _level(magnitude))
 
 
 def op_arguments(magnitude, sign, height, width):
@@ -103,7 +103,7 @@ def op_arguments(magnitude, sign, height, width):
   factor = _enhance_factor(magnitude, sign)
   args = {
       "rotate": sign * 30.0 * level,
-      "solarize": 256.0 - 256.0 * level,
+      "solarize": 256.0 - _product(256.0, level),
       "color": factor,
       "posterize": 8.0 - jnp.floor(4.0 * level),
       "contrast": factor,
@@ -213,8 +213,8 @@ def rotate(height, width, degrees):
   radians = degrees * (math.pi / 180.0)
   cos, sin = jnp.cos(radians), jnp.sin(radians)
   h, w = jnp.float32(height - 1), jnp.float32(width - 1)
-  x_offset = (w - (cos * w - sin * h)) / 2.0
-  y_offset = (h - (sin * w + cos * h)) / 2.0
+  x_offset = (w - (_product(cos, w) - _product(sin, h))) / 2.0
+  y_offset = (h - (_product(sin, w) + _product(cos, h))) / 2.0
   return jnp.stack([cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])
 
 
@@ -305,7 +305,11 @@ def apply_op(name: str, images, arg=0.0):
   """
   index = jnp.full(images.shape[:1], OP_NAMES.index(name), jnp.int32)
   arg = jnp.broadcast_to(jnp.asarray(arg, jnp.float32), images.shape[:1])
-  return jax.vmap(_apply_one)(images, index, arg)
+  return _apply_batch(images, index, arg)
+
+
+# Jitted once for every op (the op is an argument, not a constant).
+_apply_batch = jax.jit(jax.vmap(_apply_one))
 
 
 # ------------------------------------------------------------------ RandAugment
