@@ -33,7 +33,7 @@ def _bench_args(variant, batch_size, image_size):
   return types.SimpleNamespace(
       variant=variant, batch_size=batch_size, image_size=image_size, num_classes=1000,
       num_blocks=0, hidden_dim=0, tokens_mlp_dim=0, channels_mlp_dim=0, stoch_depth=0.0,
-      remat_policy="none", scan=False, kernels="", dtype="float32", weight_decay=0.0,
+      remat_policy="none", scan=False, kernels="xla", dtype="float32", weight_decay=0.0,
       mixup_alpha=0.0)
 
 
