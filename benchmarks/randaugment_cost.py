@@ -1,0 +1,94 @@
+r"""Device RandAugment's cost beside the train step it feeds (issue 33 item 5).
+
+  python benchmarks/randaugment_cost.py                      # B/16, batch 256, 224 px
+  python benchmarks/randaugment_cost.py --time_variant=S/32 --time_batch=16
+
+FLOPs and bytes: XLA's cost analysis of the compiled programs, (a) flip + RandAugment
+2/15 + uint8 -> [-1, 1] on a uint8 batch, (b) the train step as benchmark.TrainBench
+builds it (state.Setup), both at --batch_size. CPU time: the median of --steps runs of
+both at --time_batch with --time_variant (B/16 at batch 256 is too slow on a small CPU).
+Prints one JSON line.
+"""
+
+import argparse
+import json
+import statistics
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixer_jax import benchmark, randaugment
+
+
+def _cost(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _bench_args(variant, batch_size, image_size):
+  return types.SimpleNamespace(
+      variant=variant, batch_size=batch_size, image_size=image_size, num_classes=1000,
+      num_blocks=0, hidden_dim=0, tokens_mlp_dim=0, channels_mlp_dim=0, stoch_depth=0.0,
+      remat_policy="none", scan=False, kernels="xla", dtype="float32", weight_decay=0.0,
+      mixup_alpha=0.0)
+
+
+def _augment(batch_size, image_size, num_layers, magnitude):
+  key = jax.random.fold_in(jax.random.key(0), 1)
+  images = jnp.asarray(np.random.default_rng(0).integers(
+      0, 256, (batch_size, image_size, image_size, 3), np.uint8))
+  positions = jnp.arange(batch_size)
+  fn = jax.jit(lambda x, p: randaugment.augment_batch(
+      x, key, p, flip=True, num_layers=num_layers, magnitude=magnitude))
+  return fn.lower(images, positions).compile(), (images, positions)
+
+
+def _median_seconds(run, steps):
+  jax.block_until_ready(run())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--variant", default="B/16")
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--time_variant", default="S/32")
+  p.add_argument("--time_batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--magnitude", type=float, default=15)
+  a = p.parse_args()
+
+  augment, _ = _augment(a.batch_size, a.image_size, a.layers, a.magnitude)
+  aug_flops, aug_bytes = _cost(augment)
+  train = benchmark.TrainBench(_bench_args(a.variant, a.batch_size, a.image_size))
+  step_flops, step_bytes = _cost(train.compiled)
+  del train
+
+  augment_t, augment_inputs = _augment(a.time_batch, a.image_size, a.layers, a.magnitude)
+  aug_s = _median_seconds(lambda: augment_t(*augment_inputs), a.steps)
+  timed = benchmark.TrainBench(_bench_args(a.time_variant, a.time_batch, a.image_size))
+  step_s = _median_seconds(timed.run, a.steps)
+  print(json.dumps({
+      "device": jax.devices()[0].device_kind, "cost_variant": a.variant,
+      "cost_batch": a.batch_size, "image_size": a.image_size,
+      "randaugment": f"{a.layers}/{a.magnitude:g} + flip + scaling",
+      "augment_flops": aug_flops, "augment_bytes": aug_bytes,
+      "step_flops": step_flops, "step_bytes": step_bytes,
+      "flops_fraction": aug_flops / step_flops, "bytes_fraction": aug_bytes / step_bytes,
+      "time_variant": a.time_variant, "time_batch": a.time_batch,
+      "augment_s": aug_s, "step_s": step_s, "time_fraction": aug_s / step_s}))
+
+
+if __name__ == "__main__":
+  main()

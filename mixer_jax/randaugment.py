@@ -1,0 +1,374 @@
+"""RandAugment on the device: the tf.data RandAugment of `augment.py`, batched in JAX.
+
+The same 15 operations, in the same order (`OP_NAMES` is `augment.OPS`'s keys), with the
+same magnitude -> argument map and the same pixel arithmetic as the host ops, so an image
+given the same ops and arguments comes out the same (tests/test_randaugment.py states the
+measured difference per op). Images are uint8 `(B, H, W, 3)`; every op returns uint8,
+rounding as the host does between layers.
+
+Randomness: example i of a batch draws its ops and signs from
+`fold_in(key, positions[i])`, where `key` is `fold_in(key(seed), step)` and `positions`
+holds the examples' places in the GLOBAL batch. An example's result therefore depends
+only on (seed, step, position), whichever device or host computes it.
+
+How the batch runs: under `vmap` every example computes the three kinds of op and
+selects its own (no per-example control flow):
+  - table ops (identity, auto_contrast, equalize, solarize, posterize, contrast,
+    brightness, solarize_add) are a per-channel 256-entry lookup table, built from the
+    image's statistics, applied by one gather;
+  - blend ops (color, sharpness) blend the image with a degenerate image (grey, smooth);
+  - affine ops (rotate, shear_x/y, translate_x/y) are one bilinear warp with the
+    example's transform, ImageProjectiveTransformV3's arithmetic (output -> input map,
+    points outside [0, side - 1] filled with grey, neighbours outside read as grey).
+
+Written here rather than taken from dm-pix: its contrast is TF's (per-channel mean) not
+PIL's (grey-level mean) that the host uses, its grey is not rounded as PIL's, its
+sharpness filter and its `affine_transform` (scipy's map_coordinates) differ in the
+border handling and pixel-centre convention, so matching the host would need the same
+code around it; each op here is a few lines of jnp.
+"""
+
+import math
+from typing import Tuple
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+
+MAX_MAGNITUDE = 30.0
+FILL_VALUE = 128.0
+
+# Same order as augment.OPS: an op's index is its place here.
+OP_NAMES = ("identity", "auto_contrast", "equalize", "rotate", "solarize", "color",
+            "posterize", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
+            "translate_x", "translate_y", "solarize_add")
+TABLE_OPS = ("identity", "auto_contrast", "equalize", "solarize", "posterize",
+             "contrast", "brightness", "solarize_add")
+BLEND_OPS = ("color", "sharpness")
+AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+# PIL's ITU-R 601-2 luma weights, as augment._LUMA.
+_LUMA = (0.299, 0.587, 0.114)
+_LEVELS = jnp.arange(256, dtype=jnp.float32)
+# level * weight rounded to float32, per channel: numpy rounds each product once.
+_LUMA_PRODUCTS = np.arange(256, dtype=np.float32)[None] * np.asarray(_LUMA, np.float32)[:, None]
+
+
+def _product(a, b):
+  """a * b rounded to float32 before any later addition, as the host rounds it.
+
+  XLA contracts `c + a * b` into one fused multiply-add (one rounding), which lands a
+  blend such as 127 + 1.45 * (57 - 127) = 25.5 on 25 where the host gets 26. A select
+  between the product and the addition stops the contraction (an optimization
+  barrier or a bitcast round trip do not: XLA removes them); the products are finite,
+  so the select always keeps them.
+  """
+  product = a * b
+  return jnp.where(jnp.isnan(product), 0.0, product)
+
+
+def _to_uint8(x):
+  return jnp.clip(jnp.round(x), 0.0, 255.0).astype(jnp.uint8)
+
+
+def _grayscale(image):
+  """Rounded luma of one uint8 RGB image as float32 (H, W, 1), as augment._grayscale.
+
+  TensorFlow's tensordot sums the three float32-rounded products left to right (checked
+  on all 2**24 colours); a dot, or XLA's fused multiply-adds, differ on ~1,400 colours
+  whose luma is within a rounding of .5. The products come from a table, so only
+  additions are left to compile.
+  """
+  r, g, b = (jnp.asarray(_LUMA_PRODUCTS[c])[image[..., c]] for c in range(3))
+  return jnp.round((r + g) + b)[..., None]
+
+
+# ------------------------------------------------------------------ arguments
+def _level(magnitude):
+  magnitude = jnp.asarray(magnitude, jnp.float32)
+  return jnp.clip(magnitude, 0.0, MAX_MAGNITUDE) / MAX_MAGNITUDE
+
+
+def _enhance_factor(magnitude, sign):
+  return 1.0 + _product(sign * 0.9, _level(magnitude))
+
+
+def op_arguments(magnitude, sign, height, width):
+  """Every op's argument at `magnitude` with random sign `sign` (+1/-1): a (15,) array.
+
+  The same arithmetic, in the same order, as the lambdas of augment.OPS (float32).
+  """
+  sign = jnp.asarray(sign, jnp.float32)
+  level = _level(magnitude)
+  factor = _enhance_factor(magnitude, sign)
+  args = {
+      "rotate": sign * 30.0 * level,
+      "solarize": 256.0 - _product(256.0, level),
+      "color": factor,
+      "posterize": 8.0 - jnp.floor(4.0 * level),
+      "contrast": factor,
+      "brightness": factor,
+      "sharpness": factor,
+      "shear_x": sign * 0.3 * level,
+      "shear_y": sign * 0.3 * level,
+      "translate_x": sign * 0.45 * level * jnp.float32(width),
+      "translate_y": sign * 0.45 * level * jnp.float32(height),
+      "solarize_add": 110.0 * level,
+  }
+  return jnp.stack([jnp.asarray(args.get(name, 0.0), jnp.float32) for name in OP_NAMES])
+
+
+# ------------------------------------------------------------ table ops (one image)
+# Each returns a (3, 256) float32 table: channel c's level v becomes table[c, v].
+def identity(image, arg):
+  del image, arg
+  return jnp.broadcast_to(_LEVELS, (3, 256))
+
+
+def auto_contrast(image, arg):
+  del arg
+  x = image.astype(jnp.float32)
+  lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+  # Constant channels have nothing to stretch; they stay as they are.
+  stretchable = hi > lo
+  scale = jnp.where(stretchable, 255.0 / jnp.maximum(hi - lo, 1.0), 1.0)
+  offset = jnp.where(stretchable, lo, 0.0)
+  return (_LEVELS[None] - offset[:, None]) * scale[:, None]
+
+
+def _equalize_table(channel):
+  """PIL ImageOps.equalize's table for one uint8 (H, W) channel, as augment's."""
+  hist = jnp.zeros(256, jnp.int32).at[channel.reshape(-1)].add(1)
+  # PIL excludes the count of the highest occupied bin from the step size.
+  last = jnp.max(jnp.where(hist > 0, jnp.arange(256), -1))
+  step = (hist.sum() - hist[last]) // 255
+  below = jnp.cumsum(hist) - hist
+  table = jnp.clip((below + step // 2) // jnp.maximum(step, 1), 0, 255)
+  # step == 0 means (almost) a single grey level: PIL leaves it untouched.
+  return jnp.where(step > 0, table, jnp.arange(256)).astype(jnp.float32)
+
+
+def equalize(image, arg):
+  del arg
+  return jnp.stack([_equalize_table(image[..., c]) for c in range(3)])
+
+
+def solarize(image, threshold):
+  del image
+  threshold = jnp.round(threshold)
+  return jnp.broadcast_to(jnp.where(_LEVELS < threshold, _LEVELS, 255.0 - _LEVELS), (3, 256))
+
+
+def posterize(image, bits):
+  del image
+  shift = 8 - jnp.clip(bits.astype(jnp.int32), 0, 8)
+  mask = ~((1 << shift) - 1)
+  table = jnp.arange(256, dtype=jnp.int32) & mask
+  return jnp.broadcast_to(table.astype(jnp.float32), (3, 256))
+
+
+def contrast(image, factor):
+  # The grey levels are integers, so their float32 sum is exact below 2**24 / 255
+  # pixels (4096 x 4096) and the mean is the host's whatever the summation order.
+  mean = jnp.round(jnp.mean(_grayscale(image)))
+  return jnp.broadcast_to(mean + _product(factor, _LEVELS - mean), (3, 256))
+
+
+def brightness(image, factor):
+  del image
+  return jnp.broadcast_to(_product(factor, _LEVELS), (3, 256))
+
+
+def solarize_add(image, addition, threshold=128.0):
+  del image
+  added = jnp.clip(_LEVELS + jnp.round(addition), 0.0, 255.0)
+  return jnp.broadcast_to(jnp.where(_LEVELS < threshold, added, _LEVELS), (3, 256))
+
+
+# ------------------------------------------------------------ blend ops (one image)
+# Each returns the degenerate float32 image that the factor blends with (PIL ImageEnhance).
+def color(image, factor):
+  del factor
+  return jnp.broadcast_to(_grayscale(image), image.shape)
+
+
+def sharpness(image, factor):
+  """PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13) inside, the border unchanged."""
+  del factor
+  x = image.astype(jnp.int32)
+  h, w = image.shape[:2]
+  total = 4 * x[1:-1, 1:-1]
+  for dy in range(3):
+    for dx in range(3):
+      total = total + x[dy:h - 2 + dy, dx:w - 2 + dx]
+  # total / 13 is never within 1/26 of a half, so rounding it exactly equals rounding
+  # the host's float convolution.
+  smooth = jnp.round(total.astype(jnp.float32) / 13.0)
+  return image.astype(jnp.float32).at[1:-1, 1:-1].set(smooth)
+
+
+# ------------------------------------- affine ops: their output -> input transform
+# Each returns [a0, a1, a2, b0, b1, b2, c0, c1] as ImageProjectiveTransformV3 reads it.
+def rotate(height, width, degrees):
+  radians = degrees * (math.pi / 180.0)
+  cos, sin = jnp.cos(radians), jnp.sin(radians)
+  h, w = jnp.float32(height - 1), jnp.float32(width - 1)
+  x_offset = (w - (_product(cos, w) - _product(sin, h))) / 2.0
+  y_offset = (h - (_product(sin, w) + _product(cos, h))) / 2.0
+  return jnp.stack([cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])
+
+
+def shear_x(height, width, level):
+  del height, width
+  return jnp.stack([1.0, -level, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def shear_y(height, width, level):
+  del height, width
+  return jnp.stack([1.0, 0.0, 0.0, -level, 1.0, 0.0, 0.0, 0.0])
+
+
+def translate_x(height, width, pixels):
+  del height, width
+  return jnp.stack([1.0, 0.0, -pixels, 0.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def translate_y(height, width, pixels):
+  del height, width
+  return jnp.stack([1.0, 0.0, 0.0, 0.0, 1.0, -pixels, 0.0, 0.0])
+
+
+def _warp(image, transform):
+  """ImageProjectiveTransformV3(BILINEAR, CONSTANT fill) of one image, rounded to uint8."""
+  h, w = image.shape[:2]
+  t = transform.astype(jnp.float32)
+  out_y, out_x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
+                              jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  projection = t[6] * out_x + t[7] * out_y + 1.0
+  x = (_product(t[0], out_x) + _product(t[1], out_y) + t[2]) / projection
+  y = (_product(t[3], out_x) + _product(t[4], out_y) + t[5]) / projection
+  # Neighbours outside the image read as grey; a point a whole pixel or more outside
+  # has only grey neighbours (TF computes the same blend of 128s).
+  inside = (x > -1) & (x < w) & (y > -1) & (y < h) & (projection != 0)
+  x, y = jnp.clip(x, -1.0, float(w)), jnp.clip(y, -1.0, float(h))
+  flat = image.reshape(h * w, 3).astype(jnp.float32)
+
+  def read(yi, xi):
+    ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    index = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+    return jnp.where(ok[..., None], flat[index], FILL_VALUE)
+
+  x_floor, y_floor = jnp.floor(x), jnp.floor(y)
+  x_ceil, y_ceil = x_floor + 1.0, y_floor + 1.0
+  x0, y0 = x_floor.astype(jnp.int32), y_floor.astype(jnp.int32)
+  wx0, wx1 = (x_ceil - x)[..., None], (x - x_floor)[..., None]
+  top = _product(wx0, read(y0, x0)) + _product(wx1, read(y0, x0 + 1))
+  bottom = _product(wx0, read(y0 + 1, x0)) + _product(wx1, read(y0 + 1, x0 + 1))
+  value = _product((y_ceil - y)[..., None], top) + _product((y - y_floor)[..., None], bottom)
+  return _to_uint8(jnp.where(inside[..., None], value, FILL_VALUE))
+
+
+_TABLE_FNS = {name: globals()[name] for name in TABLE_OPS}
+_BLEND_FNS = {name: globals()[name] for name in BLEND_OPS}
+_AFFINE_FNS = {name: globals()[name] for name in AFFINE_OPS}
+_KIND = jnp.asarray([0 if n in TABLE_OPS else 1 if n in BLEND_OPS else 2 for n in OP_NAMES])
+
+
+def _slot(names, index):
+  """index (into OP_NAMES) -> place among `names` (0 for ops of another kind)."""
+  return jnp.asarray([names.index(n) if n in names else 0 for n in OP_NAMES])[index]
+
+
+def _apply_one(image, index, arg):
+  """Op OP_NAMES[index] with argument `arg` on one uint8 (H, W, 3) image."""
+  h, w = image.shape[:2]
+  tables = jnp.stack([fn(image, arg) for fn in _TABLE_FNS.values()])
+  table = _to_uint8(tables[_slot(TABLE_OPS, index)])
+  by_table = table.reshape(-1)[image.astype(jnp.int32) + 256 * jnp.arange(3)]
+
+  degenerates = jnp.stack([fn(image, arg) for fn in _BLEND_FNS.values()])
+  degenerate = degenerates[_slot(BLEND_OPS, index)]
+  by_blend = _to_uint8(degenerate + _product(arg, image.astype(jnp.float32) - degenerate))
+
+  transforms = jnp.stack([fn(h, w, arg) for fn in _AFFINE_FNS.values()])
+  by_warp = _warp(image, transforms[_slot(AFFINE_OPS, index)])
+
+  kind = _KIND[index]
+  return jnp.where(kind == 0, by_table, jnp.where(kind == 1, by_blend, by_warp))
+
+
+def apply_op(name: str, images, arg=0.0):
+  """One op on every image of a uint8 (B, H, W, 3) batch; `arg` a scalar or (B,).
+
+  `arg` is what the host op of that name takes: degrees, threshold, factor, bits,
+  shear level, pixels or addition (ignored by identity, auto_contrast, equalize).
+  """
+  index = jnp.full(images.shape[:1], OP_NAMES.index(name), jnp.int32)
+  arg = jnp.broadcast_to(jnp.asarray(arg, jnp.float32), images.shape[:1])
+  return _apply_batch(images, index, arg)
+
+
+# Jitted once for every op (the op is an argument, not a constant).
+_apply_batch = jax.jit(jax.vmap(_apply_one))
+
+
+# ------------------------------------------------------------------ RandAugment
+def draw(key, positions, num_layers: int) -> Tuple[jax.Array, jax.Array]:
+  """Each example's op indices (B, num_layers) int32 and signs (B, num_layers) +/-1.0."""
+
+  def one(position):
+    layer_keys = jax.random.split(jax.random.fold_in(key, position), num_layers)
+
+    def layer(k):
+      op_key, sign_key = jax.random.split(k)
+      index = jax.random.randint(op_key, (), 0, len(OP_NAMES), jnp.int32)
+      sign = 2.0 * jax.random.randint(sign_key, (), 0, 2, jnp.int32) - 1.0
+      return index, sign.astype(jnp.float32)
+
+    return jax.vmap(layer)(layer_keys)
+
+  return jax.vmap(one)(jnp.asarray(positions, jnp.int32))
+
+
+def apply_layers(images, indices, signs, magnitude):
+  """RandAugment with given ops: layer l applies OP_NAMES[indices[:, l]] at `magnitude`."""
+  h, w = images.shape[1:3]
+  for layer in range(indices.shape[1]):
+    index = indices[:, layer]
+    args = jax.vmap(lambda s: op_arguments(magnitude, s, h, w))(signs[:, layer])
+    arg = jnp.take_along_axis(args, index[:, None], axis=1)[:, 0]
+    images = jax.vmap(_apply_one)(images, index, arg)
+  return images
+
+
+def randaugment(images, key, positions, num_layers: int = 2, magnitude=15):
+  """`num_layers` ops drawn uniformly from OP_NAMES per example, at `magnitude` (0-30).
+
+  images: uint8 (B, H, W, 3); key: `fold_in(key(seed), step)`; positions: (B,) int, the
+  examples' places in the global batch.
+  """
+  if num_layers == 0:
+    return images
+  indices, signs = draw(key, positions, num_layers)
+  return apply_layers(images, indices, signs, magnitude)
+
+
+def random_flip(images, key, positions):
+  """Flips each example left-right with probability 0.5, keyed like `randaugment`."""
+  flip = jax.vmap(lambda p: jax.random.bernoulli(jax.random.fold_in(key, p)))(
+      jnp.asarray(positions, jnp.int32))
+  return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def to_model_range(images):
+  """uint8 -> float32 in [-1, 1], as the host pipeline's scaling."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def augment_batch(images, key, positions, *, flip: bool, num_layers: int, magnitude=15):
+  """The paper's device half: flip, RandAugment, scaling to [-1, 1] (host order)."""
+  flip_key, randaugment_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+  if flip:
+    images = random_flip(images, flip_key, positions)
+  images = randaugment(images, randaugment_key, positions, num_layers, magnitude)
+  return to_model_range(images)
