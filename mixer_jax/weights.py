@@ -42,9 +42,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import traverse_util
+from flax.training import checkpoints as flax_checkpoints
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
@@ -120,7 +122,61 @@ def load_npz(path: str) -> Dict[str, Any]:
         "truncated or not a checkpoint, so download or write it again.") from None
   if not flat:
     raise errors.CheckpointError(f"{path} holds no arrays; it is not a Mixer checkpoint.")
-  return unflatten(flat)
+  return from_big_vision_layout(unflatten({k: _widened(v) for k, v in flat.items()}))
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+  """bfloat16 and float16 arrays as float32 (exactly: every such value is a float32).
+
+  NumPy stores bfloat16 as the 2-byte void type |V2 (it has no bfloat16 of its own);
+  big_vision reads it back as ml_dtypes' bfloat16, and so does this. The model's
+  parameters are float32; a config's `dtype` chooses the compute precision.
+  """
+  if array.dtype == np.dtype("V2"):
+    array = array.view(ml_dtypes.bfloat16)
+  if array.dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+    return array.astype(np.float32)
+  return array
+
+
+def from_big_vision_layout(tree: Dict[str, Any]) -> Dict[str, Any]:
+  """The released layout of a Mixer file in big_vision's second layout (the pre-linen
+  one its `mlp_mixer.load` also accepts), else `tree` as it is.
+
+  That layout names the stem `embedding`, the blocks `Mixer/encoderblock_<i>` with
+  `token_mixing_phase_0` / `channel_mixing_phase_0` MLPs of `kernel1, bias1, kernel2,
+  bias2` (possibly with singleton axes), and the final norm `Mixer/encoder_norm`.
+  Submodule numbers are made linen's with flax's own `convert_pre_linen`; the result
+  is then checked key by key like any released file.
+  """
+  mixer = tree.get("Mixer")
+  if not isinstance(mixer, Mapping) or not any(str(k).startswith("encoderblock_") for k in mixer):
+    return tree
+  tree = flax_checkpoints.convert_pre_linen(dict(tree))
+  mixer = dict(tree.pop("Mixer"))
+
+  def mlp(d):
+    return {f"Dense_{i}": {"kernel": np.squeeze(d[f"kernel{i + 1}"]),
+                           "bias": np.squeeze(d[f"bias{i + 1}"])} for i in (0, 1)}
+
+  out, rest = dict(tree), {}
+  if "embedding" in out:
+    out["stem"] = out.pop("embedding")
+  if "encoder_norm" in mixer:
+    out["pre_head_layer_norm"] = mixer.pop("encoder_norm")
+  for name, block in mixer.items():
+    if not str(name).startswith("encoderblock_"):
+      rest[name] = block  # Left for the key-by-key check to name.
+      continue
+    block = dict(block)
+    for phase, ours in (("token_mixing_phase_0", "token_mixing"),
+                        ("channel_mixing_phase_0", "channel_mixing")):
+      if phase in block:
+        block[ours] = mlp(block.pop(phase))
+    out[f"MixerBlock_{name[len('encoderblock_'):]}"] = block
+  if rest:
+    out["Mixer"] = rest
+  return out
 
 
 def save_npz(params: Mapping[str, Any], path: str) -> None:

@@ -281,3 +281,77 @@ def test_bad_timm_files_name_file_and_entry(tmp_path):
   with pytest.raises(errors.CheckpointError,
                      match="cut.safetensors is not a readable .safetensors file"):
     weights.load_params(str(tmp_path / "cut.safetensors"))
+
+
+# --------------------------------------- layouts Google's loaders also accept
+def _logits(model, params, seed=0):
+  images = np.random.default_rng(seed).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
+  return np.asarray(model.apply({"params": params}, images))
+
+
+def test_bfloat16_and_float16_npz_load_as_float32(tmp_path):
+  """big_vision writes bfloat16 arrays with np.savez, which NumPy stores as |V2."""
+  import ml_dtypes
+  model = _tiny(num_classes=7)
+  params = random_params(model, 16, seed=5)
+  reference = _logits(model, params)
+  for dtype in (ml_dtypes.bfloat16, np.float16):
+    low = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype), params)
+    path = str(tmp_path / f"{np.dtype(dtype).name}.npz")
+    _write_released_layout(path, low)
+    if dtype is ml_dtypes.bfloat16:
+      with np.load(path) as data:
+        assert data["stem/kernel"].dtype == np.dtype("V2")  # As NumPy stores it.
+    loaded, info = weights.load_params(path)
+    flat = weights.flatten(loaded)
+    assert all(v.dtype == np.float32 for v in flat.values())
+    # Exactly the rounded values, widened.
+    np.testing.assert_array_equal(
+        flat["stem/kernel"], np.asarray(params["stem"]["kernel"]).astype(dtype).astype(np.float32))
+    rounded = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype).astype(np.float32),
+                                     params)
+    np.testing.assert_array_equal(_logits(model, loaded), _logits(model, rounded))
+    tol = 0.05 if dtype is ml_dtypes.bfloat16 else 5e-3  # 8 and 11 mantissa bits.
+    np.testing.assert_allclose(_logits(model, loaded), reference, rtol=tol, atol=tol)
+    assert info["model"] == {k: v for k, v in TINY.items()}
+
+
+def _big_vision_second_layout(params):
+  """The pre-linen layout big_vision's mlp_mixer.load also reads: `embedding`,
+  `Mixer/encoderblock_<i>/{LayerNorm_0, LayerNorm_2 (pre-linen numbering),
+  token_mixing_phase_0/{kernel1, bias1, kernel2, bias2}, ...}`, `Mixer/encoder_norm`,
+  with the MLP kernels carrying a singleton axis as its squeeze() allows."""
+  out = {"embedding": params["stem"], "head": params["head"],
+         "Mixer": {"encoder_norm": params["pre_head_layer_norm"]}}
+  for key, block in params.items():
+    if not key.startswith("MixerBlock_"):
+      continue
+
+    def phase(mlp):
+      return {"kernel1": np.asarray(mlp["Dense_0"]["kernel"])[None],
+              "bias1": mlp["Dense_0"]["bias"], "kernel2": mlp["Dense_1"]["kernel"],
+              "bias2": np.asarray(mlp["Dense_1"]["bias"])[None]}
+
+    out["Mixer"][f"encoderblock_{key[len('MixerBlock_'):]}"] = {
+        "LayerNorm_0": block["LayerNorm_0"], "LayerNorm_2": block["LayerNorm_1"],
+        "token_mixing_phase_0": phase(block["token_mixing"]),
+        "channel_mixing_phase_0": phase(block["channel_mixing"])}
+  return out
+
+
+def test_big_vision_second_layout_loads_key_by_key(tmp_path):
+  model = _tiny(num_classes=7)
+  params = random_params(model, 16, seed=6)
+  path = str(tmp_path / "bv.npz")
+  flat = _write_released_layout(path, _big_vision_second_layout(params))
+  assert "Mixer/encoderblock_1/token_mixing_phase_0/kernel1" in flat and "embedding/kernel" in flat
+  loaded, info = weights.load_params(path)
+  assert sorted(weights.flatten(loaded)) == sorted(weights.flatten(params))
+  np.testing.assert_array_equal(_logits(model, loaded), _logits(model, params))
+  assert info["model"] == {k: v for k, v in TINY.items()}
+  # Converted, then checked like any file: a stray block entry is named.
+  bad = _big_vision_second_layout(params)
+  bad["Mixer"]["encoderblock_0"]["extra"] = {"kernel": np.zeros(3, np.float32)}
+  _write_released_layout(path, bad)
+  with pytest.raises(errors.CheckpointError, match=r"MixerBlock_0/extra/kernel"):
+    weights.load_params(path)
