@@ -208,9 +208,10 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
 
   mesh = sharding.make_mesh(config.mesh_model)
   eval_batch = state_lib.eval_batch_size(config, mesh)
+  source = input_pipeline.get_source(config)  # Prepares an offline-buildable dataset.
+  input_pipeline.resolve_splits(config, source)  # The fine-tuning configs leave them "".
   split = split or default_split(config)
   fewshot_train_split = fewshot_train_split or config.train_split
-  source = input_pipeline.get_source(config)  # Prepares an offline-buildable dataset.
   data = input_pipeline.dataset_info(source, [split] + ([fewshot_train_split] if fewshot else []))
   check_classes(checkpoint_path, num_classes, data.name, data.num_classes, config.num_classes)
   expected_size = KNOWN_SIZES.get((config.dataset, split))

@@ -93,6 +93,10 @@ class _TfdsSource:
           f"Unknown TFDS dataset {self.name!r} ({type(e).__name__}); use a TFDS name such as "
           "imagenet2012 or cifar10, or folder:/path/to/images.") from None
 
+  @property
+  def split_names(self):
+    return list(self.builder.info.splits.keys())
+
   def split_size(self, split: str) -> int:
     try:
       return int(self.builder.info.splits[split].num_examples)
@@ -151,6 +155,10 @@ class _FolderSource:
 
   def split_size(self, split: str) -> int:
     return self.source.num_examples(split)
+
+  @property
+  def split_names(self):
+    return list(self.source.split_names)
 
   def read(self, split: str, index: int, count: int) -> tf.data.Dataset:
     ds = self.source.as_dataset(split, shard=(index, count))
@@ -274,6 +282,33 @@ def get_source(config):
   if config.dataset.startswith(FOLDER_PREFIX):
     return _FolderSource(config.dataset[len(FOLDER_PREFIX):], config.skip_corrupt_images)
   return _TfdsSource(config.dataset, config.data_dir, config.get("manual_dir", ""))
+
+
+def resolve_splits(config, source) -> None:
+  """Fills an empty config.train_split / eval_split from the dataset's own splits:
+  train, and validation if it has one, else test; a dataset with a train split alone
+  (a folder of class folders) holds out its last 10% (`train[:90%]`, `train[90%:]`,
+  the same classes in proportion). Runs before the run record is checked, so the
+  record holds the splits used."""
+  if config.train_split and config.eval_split:
+    return
+  names = source.split_names
+  if "train" not in names:
+    raise errors.DataError(
+        f"Dataset {source.name} has no train split (it has {', '.join(names)}); set "
+        "--config.train_split and --config.eval_split.")
+  held_out = next((s for s in ("validation", "test") if s in names), None)
+  if held_out is None:  # One split: hold out its last 10% unless a train split is named.
+    if config.train_split:
+      raise errors.DataError(
+          f"Dataset {source.name} has only a train split, so config.eval_split cannot be "
+          f"chosen beside config.train_split={config.train_split!r}; set "
+          "--config.eval_split (e.g. train[90%:] with train_split train[:90%]).")
+    config.train_split, held_out = "train[:90%]", "train[90%:]"
+  config.train_split = config.train_split or "train"
+  config.eval_split = config.eval_split or held_out
+  logging.info("Splits of %s: training on %s, evaluating on %s.", source.name,
+               config.train_split, config.eval_split)
 
 
 def dataset_info(source, splits) -> DatasetInfo:

@@ -113,6 +113,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
   with workdir_lib.session(config, workdir, mesh, accept_changes) as run:
     # --- Input pipeline ---------------------------------------------------------
     source = input_pipeline.get_source(config)
+    input_pipeline.resolve_splits(config, source)  # The fine-tuning configs leave them "".
     info = input_pipeline.dataset_info(source, [config.train_split, config.eval_split])
     input_pipeline.describe_splits(source, info, config)  # Counts; one class is refused.
     num_classes = config.num_classes or info.num_classes

@@ -7,6 +7,7 @@ import math
 import pathlib
 import sys
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -91,35 +92,44 @@ def test_configs_reject_unknown_variants_in_one_sentence(module, arg):
 
 
 # -------------------------------------------------------------- fine-tuning
-def test_finetune_recipe_per_dataset(tmp_path):
-  expected = {"imagenet2012": ("train", "validation", 20_000, 500),
-              "cifar10": ("train", "test", 10_000, 500),
-              "cifar100": ("train", "test", 10_000, 500),
-              "oxford_iiit_pet": ("train", "test", 500, 100),
-              "oxford_flowers102": ("train", "test", 500, 100)}
-  for name, (train_split, eval_split, steps, warmup) in expected.items():
+def test_finetune_recipe_for_any_dataset():
+  expected = {"imagenet2012": (20_000, 500), "cifar10": (10_000, 500),
+              "cifar100": (10_000, 500), "mixer_fashion_mnist": (10_000, 500),
+              "oxford_iiit_pet": (500, 100), "mixer_digits": (500, 100),
+              "folder:/data/x": (500, 100), "": (500, 100)}
+  for name, (steps, warmup) in expected.items():
     c = finetune.get_config(name)
-    # The architecture and resolution come from init_from ("" and 0) unless set.
-    assert (c.model.variant, c.image_size) == ("", 0)
+    # The architecture, resolution and splits come from init_from and the dataset.
+    assert (c.model.variant, c.image_size, c.train_split, c.eval_split) == ("", 0, "", "")
     c.model.variant, c.image_size = "B/16", 224
     state_lib.validate_config(c)
-    assert (c.dataset, c.train_split, c.eval_split) == (name, train_split, eval_split)
-    assert (c.num_train_steps, c.warmup_steps) == (steps, warmup)
+    assert c.dataset == name and (c.num_train_steps, c.warmup_steps) == (steps, warmup)
     # Paper Appendix B.
     assert (c.optimizer, c.momentum, c.batch_size, c.grad_clip_norm) == ("sgd", 0.9, 512, 1.0)
     assert (c.lr_decay, c.weight_decay, c.learning_rate) == ("cosine", 0.0, 0.03)
     assert (c.train_crop, c.train_flip) == ("inception", True)
     assert c.randaugment_layers == 0 and c.mixup_alpha == 0 and c.model.stoch_depth == 0
-  # Folders: split subfolders when present, else a 90/10 slice of the images.
-  (tmp_path / "with" / "val").mkdir(parents=True)
-  (tmp_path / "test_only" / "test").mkdir(parents=True)
-  (tmp_path / "flat" / "cat").mkdir(parents=True)
-  for sub, splits in (("with", ("train", "validation")), ("test_only", ("train", "test")),
-                      ("flat", ("train[:90%]", "train[90%:]"))):
-    c = finetune.get_config(f"folder:{tmp_path / sub}")
-    assert (c.train_split, c.eval_split) == splits
-  with pytest.raises(ValueError, match="Unknown fine-tuning dataset 'mnist'"):
-    finetune.get_config("mnist")
+
+
+def test_empty_splits_resolve_from_the_dataset(tmp_path):
+  """train + validation (or test) when the dataset has them, else a 90/10 slice."""
+  import types
+  from mixer_jax import errors, input_pipeline
+
+  def resolved(names, train="", evaluate=""):
+    c = ml_collections.ConfigDict(dict(train_split=train, eval_split=evaluate))
+    input_pipeline.resolve_splits(c, types.SimpleNamespace(name="d", split_names=names))
+    return c.train_split, c.eval_split
+
+  assert resolved(["train", "validation", "test"]) == ("train", "validation")
+  assert resolved(["test", "train"]) == ("train", "test")
+  assert resolved(["train"]) == ("train[:90%]", "train[90%:]")
+  assert resolved(["train", "test"], evaluate="train[:10]") == ("train", "train[:10]")
+  assert resolved(["train"], "train[:50%]", "train[50%:]") == ("train[:50%]", "train[50%:]")
+  with pytest.raises(errors.DataError, match="has only a train split"):
+    resolved(["train"], train="train")
+  with pytest.raises(errors.DataError, match="has no train split"):
+    resolved(["test"])
 
 
 def test_finetune_command_line_argument_with_colon(tmp_path, monkeypatch):
@@ -132,7 +142,7 @@ def test_finetune_command_line_argument_with_colon(tmp_path, monkeypatch):
   flag_values(argv)
   c = flag_values.config
   assert c.dataset == f"folder:{tmp_path}" and c.init_from == "Mixer-B_16.npz"
-  assert c.learning_rate == 0.01 and c.eval_split == "train[90%:]"
+  assert c.learning_rate == 0.01 and c.eval_split == ""  # The dataset's, at the start.
 
 
 # ------------------------------------------------------ ResMLP and gMLP recipes
@@ -260,7 +270,7 @@ def test_the_demo_recipes_hold_their_documented_values():
 # One call per argument each config file accepts (recorded.py needs a workdir: see
 # test_run_record).
 ARGS = {"default": ("mixer", "resmlp", "gmlp"), "fashion_mnist": ("", "long"),
-        "finetune": tuple(finetune.DATASETS), "deit": ("B/16", "gmlp_s16"),
+        "finetune": ("",) + tuple(finetune.DATASETS) + ("mixer_digits", "folder:/data/x"), "deit": ("B/16", "gmlp_s16"),
         "gmlp_imagenet1k": ("gmlp_ti16", "gmlp_s16", "gmlp_b16"),
         "resmlp_imagenet1k": ("resmlp_12", "resmlp_24", "resmlp_36", "resmlp_big_24"),
         "imagenet": imagenet1k_pretrain.VARIANTS,

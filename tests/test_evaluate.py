@@ -283,9 +283,10 @@ def test_fewshot_on_folder_and_default_splits(tmp_path):
   root = write_folder(str(tmp_path / "colours"), 3, 12)
   ckpt = write_checkpoint(str(tmp_path / "c3.npz"), 3, ranking_bias(3, [1, 0, 2]))
   config = finetune.get_config(f"folder:{root}")
-  assert (config.train_split, config.eval_split) == ("train", "validation")
+  assert (config.train_split, config.eval_split) == ("", "")  # The dataset's, at the start.
   config.eval_batch_size = 8
   result = evaluate.evaluate(config, ckpt, fewshot=True, confusion=True)
+  assert (config.train_split, config.eval_split) == ("train", "validation")
   assert result["split"] == "validation" and result["num_examples"] == 36
   assert result["top1"] == pytest.approx(1 / 3)  # Always class 1.
   # So every example sits in column 1 of the confusion matrix.
