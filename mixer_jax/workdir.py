@@ -170,6 +170,11 @@ def check_record(workdir: str, config, saved_steps, accept) -> Dict[str, Any]:
     record = {"config": saved}
   found = run_record.check_resume(record, config, accept, workdir, max(saved_steps),
                                   scheduled_rate)
+  if record.get("starts") is None and jax.process_index() == 0:  # Checked: written again.
+    entry = run_record.start_entry(max(saved_steps), jax.process_count(), jax.device_count(),
+                                   jax.devices()[0].device_kind, found)
+    entry["record_rewritten_from_checkpoint"] = True
+    run_record.write(workdir, config, entry)
   for key, (old, new) in found.items():
     logging.warning("Resuming with config.%s changed: %r -> %r%s.", key, old, new,
                     "" if key in run_record.EXTEND_OR_OBSERVE | run_record.EXECUTION
