@@ -2,12 +2,20 @@
 
 WORKDIR/
   model.json            model fields, classes, image size (what the checkpoints are of)
-  checkpoints/<step>/   orbax items `params`, `opt_state`, `meta`
+  checkpoints/<step>/   orbax items `params`, `opt_state`, `meta` (the step and the run's
+                        flat config: its identity, see below)
 
 No input state is saved: the training stream's position is the step itself
 (input_pipeline.py). Orbax finalises a step directory atomically (temp dir, then
 rename), so a step that orbax lists is complete; a restart that finds an unreadable
 one sets it aside (`WORKDIR/unreadable_checkpoints/`) and falls back to the previous.
+
+Identity: each step's `meta` item also holds the run's flat config (run_record.py's
+`config`), so the record survives a lost `config.json`. It lives in the step itself
+rather than beside it because orbax finalises the items of a step together: a step
+that exists always carries the config it was trained with, and removing or copying
+a step keeps the two together. The whole config (a few kB of JSON), not a hash, so a
+refused resume can name each changed key and the record can be rewritten from it.
 
 Block layout: a checkpoint keeps the run's own (a scanned model's blocks stacked
 under `MixerBlock`), so a save writes the state as the step left it: no conversion
@@ -58,6 +66,27 @@ def saved_steps(workdir: str):
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
+def saved_config(workdir: str):
+  """(step, flat config) from the `meta` of the newest step that has one, or (step, None)
+  where the newest readable steps predate configs in checkpoints; (None, None) without
+  readable steps."""
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  newest = None
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True), item_handlers={"meta": ocp.JsonCheckpointHandler()}
+                             ) as manager:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      except Exception:  # An unreadable step: the restore sets it aside later.
+        continue
+      newest = step if newest is None else newest
+      if isinstance(meta["meta"].get("config"), dict):
+        return step, meta["meta"]["config"]
+  return newest, None
+
+
 def read_params(workdir: str, step: Optional[int] = None):
   """The parameters (numpy, in the layout stored) of a workdir's newest readable step,
   or of `step`; read via this process's first device, so from any topology."""
@@ -97,9 +126,14 @@ class TrainCheckpoints:
   """
 
   def __init__(self, workdir: str, keep: int,
-               shardings: Optional[Callable[[Any], Any]] = None):
+               shardings: Optional[Callable[[Any], Any]] = None,
+               config: Optional[Mapping[str, Any]] = None):
     import orbax.checkpoint as ocp
     self._ocp, self._shardings = ocp, shardings
+    self._config = dict(config) if config is not None else None  # Saved with each step.
+    self.set_aside = []  # Unreadable steps set aside by restore_latest (every process).
+    self.moved_aside: Dict[int, str] = {}  # Where each went (process 0).
+    self.aside_dir = os.path.join(workdir, "unreadable_checkpoints")
     self.dir = os.path.join(workdir, CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False,
@@ -116,7 +150,8 @@ class TrainCheckpoints:
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(state["params"]),
           opt_state=ocp.args.StandardSave(state["opt_state"]),
-          meta=ocp.args.JsonSave({"step": step})), force=True)
+          meta=ocp.args.JsonSave({"step": step} if self._config is None
+                                 else {"step": step, "config": self._config})), force=True)
       self.manager.wait_until_finished()
     except Exception as e:  # Disk full, permissions, a vanished mount...
       previous = [s for s in self.manager.all_steps() if s != step]
@@ -171,15 +206,17 @@ class TrainCheckpoints:
     """Moves unreadable steps aside (kept, never deleted) so they can be saved again."""
     if not steps:
       return
+    self.set_aside += list(steps)
     from jax.experimental import multihost_utils
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mixer_set_aside_unreadable_checkpoints")
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.dir), "unreadable_checkpoints")
+      aside = self.aside_dir
       os.makedirs(aside, exist_ok=True)
       for step in steps:
         target = os.path.join(aside, f"{step}-{int(time.time())}")
         os.replace(os.path.join(self.dir, str(step)), target)
+        self.moved_aside[step] = target
         logging.error("Moved unreadable checkpoint step %d to %s.", step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mixer_set_aside_done")

@@ -53,6 +53,27 @@ STOPPED = 3
 INTERRUPTED = 130
 
 
+def exit_on_ctrl_c(message: str, cleanup=None):
+  """Ctrl-C in a tool that writes nothing until its end (evaluate, export): one line
+  `Interrupted: <message>`, exit 130 at once. A handler, not KeyboardInterrupt: raised
+  inside XLA's compilation or a C++ callback, that is a traceback or a crash."""
+  import os
+  import signal
+
+  def handler(signum, frame):
+    del signum, frame
+    if cleanup is not None:
+      try:
+        cleanup()
+      except OSError:
+        pass
+    sys.stdout.flush()
+    print(f"Interrupted: {message}", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)  # pylint: disable=protected-access
+
+  signal.signal(signal.SIGINT, handler)
+
+
 def run_guarded(fn, show_traceback: bool = False):
   try:
     return fn()

@@ -212,9 +212,13 @@ def main(argv):
   if not FLAGS.checkpoint:
     print("--checkpoint is required; pass a .npz file or a training workdir.", file=sys.stderr)
     sys.exit(2)
+  output = paths.resolve(FLAGS.output)
+  errors.exit_on_ctrl_c(
+      f"nothing written ({FLAGS.output} is written whole or not at all).",
+      cleanup=lambda: output and os.path.exists(f"{output}.tmp-{os.getpid()}") and os.remove(
+          f"{output}.tmp-{os.getpid()}"))
   try:
-    info = export(paths.resolve(FLAGS.checkpoint), FLAGS.format, paths.resolve(FLAGS.output),
-                  FLAGS.overwrite)
+    info = export(paths.resolve(FLAGS.checkpoint), FLAGS.format, output, FLAGS.overwrite)
   except errors.CheckpointError as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)

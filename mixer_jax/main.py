@@ -8,15 +8,21 @@ Multi-host: the same command on every host. Cloud TPU pods and SLURM are detecte
 elsewhere pass --coordinator_address, --num_processes and --process_id.
 
 SIGTERM to any process (a preemption notice): every process stops after the same step,
-saves a checkpoint and exits 0; Ctrl-C does the same and exits 130 (a second Ctrl-C
-stops at once). A process that dies makes the others exit non-zero
+saves a checkpoint and exits 0; Ctrl-C does the same and exits 130, also when pressed
+during compilation, an evaluation or a save (a second Ctrl-C stops at once, exit 130).
+A process that dies makes the others exit non-zero
 within --heartbeat_timeout_s plus a few seconds. Either way, the same command again
 resumes from the last checkpoint.
 
 The workdir is the run's identity: one live run at a time (`run.lock`), and its
 `config.json` records the resolved config; a resume that changes the model, the data or
 the optimiser is refused unless `--accept_changes=KEY,...` (run_record.py). A finished
-run says so and prints its final metrics. The last stdout line is one JSON object.
+run says so and prints its final metrics.
+
+The last stdout line (process 0) is one JSON object saying what happened, also after
+SIGTERM and Ctrl-C: {"status": "finished" | "preempted" | "interrupted", "step": the
+step reached, "saved_step": the newest checkpoint, "eval": the newest evaluation's
+metrics (absent before the first), "eval_step": its step}. Exit codes: docs/errors.md.
 """
 
 import json
@@ -94,16 +100,28 @@ def _run(config, workdir):
   logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
+  outcome = {}
   try:
-    result = train.train_and_evaluate(config, workdir,
-                                      run_record.parse_accept(FLAGS.accept_changes))
+    train.train_and_evaluate(config, workdir, run_record.parse_accept(FLAGS.accept_changes),
+                             outcome)
+  except (errors.Interrupted, KeyboardInterrupt):
+    _print_outcome(dict(outcome, status="interrupted"))
+    raise
   except Exception as e:
     if jax.process_count() > 1 and distributed.is_runtime_failure(e):
       raise distributed.failure(e) from e
     raise
-  if jax.process_index() == 0:
-    # The last stdout line: one JSON object (the final evaluation), for scripts.
-    print(json.dumps({k: round(float(v), 6) for k, v in result.items()}), flush=True)
+  _print_outcome(outcome)
+
+
+def _print_outcome(outcome):
+  """The last stdout line, for scripts: what happened (see the module doc)."""
+  if jax.process_index() != 0 or not outcome.get("status"):
+    return
+  line = {k: v for k, v in outcome.items() if k != "eval" and v is not None}
+  if outcome.get("eval"):
+    line["eval"] = {k: round(float(v), 6) for k, v in outcome["eval"].items()}
+  print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,22 @@ At every start the workdir gets the full resolved config (every key), the comman
 line, package versions, process and device counts; `config.json` plus the README's
 command reproduces the run. A resume is compared with the record first:
 
-- keys that only extend or observe the run (`EXTEND_OR_OBSERVE`: more steps, the
-  log/eval/checkpoint intervals) or only choose how it executes (`EXECUTION`: the
+- keys that only observe the run (`EXTEND_OR_OBSERVE`: the log/eval/checkpoint
+  intervals, how many checkpoints are kept) or only choose how it executes (`EXECUTION`: the
   mesh, sharding, kernels, remat policy, scanned or unrolled blocks; the data order
   does not depend on them, the numbers at most to float32 rounding, and scanned and
   unrolled runs write the same checkpoint files) may change; each change is logged;
 - any other change (the model, the data stream, the optimiser's trajectory) is
   refused, naming each key with its old and new value, unless it is accepted
   deliberately with `--accept_changes=KEY[,KEY...]` (or `all`); accepted changes are
-  appended to the record's `starts`.
+  appended to the record's `starts`. The run's length (`LENGTH`: `num_train_steps`,
+  `num_epochs`) is such a key: the learning-rate schedule is built over the whole run,
+  so a new length rebuilds it (a warm restart at the resume step, not a continuation),
+  and the refusal says which rate the resume step would get.
+
+A record that exists must be a JSON object whose `config` is an object; a malformed
+one is one sentence, never rebuilt silently (workdir.py also checks a resume whose
+`config.json` is missing against the config its checkpoints carry).
 """
 
 import datetime
@@ -22,14 +29,18 @@ import socket
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from mixer_jax import errors
 
 FILE = "config.json"
 
+LENGTH = ("num_train_steps", "num_epochs")
+# Not config keys: `--accept_changes=restart` starts a workdir over whose every
+# checkpoint was unreadable (workdir.py); `all` accepts every change.
+SPECIAL_ACCEPTS = ("all", "restart")
 EXTEND_OR_OBSERVE = frozenset((
-    "num_train_steps", "num_epochs", "log_every_steps", "eval_every_steps",
+    "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "log_image_grid", "eval_batch_size",
     "fewshot_every_steps", "fewshot_shots", "fewshot_train_split"))
 EXECUTION = frozenset((
@@ -96,12 +107,17 @@ def read(workdir: str) -> Optional[Dict[str, Any]]:
   try:
     with open(path) as f:
       record = json.load(f)
-    record["config"]  # pylint: disable=pointless-statement
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+      raise TypeError("not a JSON object with a 'config' object")
+    if not isinstance(record.get("starts", []), list):
+      raise TypeError("its 'starts' is not a list")
     return record
-  except (ValueError, KeyError, TypeError) as e:
+  except (ValueError, TypeError, OSError) as e:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     raise errors.WorkdirError(
-        f"{path} is not a readable run record ({type(e).__name__}: {e}); restore it from a "
-        "backup, or move it aside to start the record afresh.") from None
+        f"{path} is not a readable run record ({type(e).__name__}: {why}); restore it from a "
+        "backup, or move it aside (a resume then checks the config its checkpoints "
+        "carry).") from None
 
 
 def write(workdir: str, config, start: Dict[str, Any],
@@ -137,12 +153,17 @@ def parse_accept(value: str) -> List[str]:
   return [k.strip().removeprefix("config.") for k in (value or "").split(",") if k.strip()]
 
 
-def check_resume(record: Dict[str, Any], config, accept: Sequence[str],
-                 workdir: str) -> Dict[str, tuple]:
+def check_resume(record: Dict[str, Any], config, accept: Sequence[str], workdir: str,
+                 step: Optional[int] = None,
+                 learning_rate: Optional[Callable[[Mapping[str, Any], int], Optional[float]]]
+                 = None) -> Dict[str, tuple]:
   """Compares a resumed run's config with its record.
 
   Returns the changes (allowed or accepted), for the log and the record; raises
-  `errors.WorkdirError` naming every refused key with its old and new value.
+  `errors.WorkdirError` naming every refused key with its old and new value. `step`
+  (the resume step) and `learning_rate(flat_config, step)` (the schedule's rate, None
+  when the length is not known here) let a refused change of the run's length say
+  what accepting it does to the learning rate.
   """
   current = flat_config(config)
   found = changes(record["config"], current)
@@ -154,7 +175,11 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str],
     gained = key not in record["config"] and key in defaults and new == defaults[key]
     if gained or key not in current:
       del found[key]
-  unknown = [k for k in accept if k != "all" and k not in found]
+  # With a fixed step count the epoch count is read by nothing (train.total_train_steps).
+  if "num_epochs" in found and found.get("num_train_steps") is None and (
+      current.get("num_train_steps") or 0) > 0:
+    del found["num_epochs"]
+  unknown = [k for k in accept if k not in SPECIAL_ACCEPTS and k not in found]
   if unknown:
     raise errors.ConfigError(
         f"--accept_changes names {', '.join(unknown)}, which the resumed config does not "
@@ -164,8 +189,24 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str],
              and "all" not in accept}
   if refused:
     listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+    if any(k in LENGTH for k in refused):
+      listed += length_note(record["config"], current, step, learning_rate)
     raise errors.WorkdirError(
         f"Resuming {workdir} with a config that changes the run ({listed}); use the recorded "
         f"config ({os.path.join(workdir, FILE)}), a new --workdir, or accept it deliberately "
         f"with --accept_changes={','.join(refused)}.")
   return found
+
+
+def length_note(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                step: Optional[int], learning_rate) -> str:
+  """What a new run length does to the learning rate, for the refusal's sentence."""
+  rates = None
+  if step is not None and learning_rate is not None:
+    rates = learning_rate(recorded, step), learning_rate(current, step)
+  if rates is None or None in rates:
+    return (": accepting a new length rebuilds the learning-rate schedule over it, so the "
+            "rate jumps at the resume step (a warm restart, not a continuation)")
+  return (f": accepting it rebuilds the learning-rate schedule over the new length, so the "
+          f"rate at the resume step {step} becomes {rates[1]:.4g} instead of the recorded "
+          f"schedule's {rates[0]:.4g} (a warm restart, not a continuation)")

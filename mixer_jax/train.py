@@ -23,6 +23,7 @@ from mixer_jax import evaluator as evaluator_lib  # the loop names its instance 
 from mixer_jax import input_pipeline
 from mixer_jax import metrics as metrics_lib
 from mixer_jax import resolution
+from mixer_jax import run_record
 from mixer_jax import sharding
 from mixer_jax import state as state_lib
 from mixer_jax import weights
@@ -91,11 +92,15 @@ def take_architecture(config, info, source: str) -> None:
           "architecture, or init from a checkpoint of this variant.")
 
 
-def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, float]:
+def train_and_evaluate(config, workdir: str, accept_changes=(),
+                       outcome=None) -> Dict[str, float]:
   """Trains, evaluates every `eval_every_steps` and at the end; returns the last eval.
 
   `accept_changes`: config keys a resumed run may change although they alter the run
-  (run_record.py); "all" accepts every change.
+  (run_record.py); "all" accepts every change, "restart" a start over in a workdir
+  whose every checkpoint was unreadable. `outcome`: a dict filled with what happened
+  (workdir.Session.outcome: status, step, saved_step, eval, eval_step), also when the
+  run ends by an exception (Ctrl-C: errors.Interrupted).
   """
   # --- Check the config -------------------------------------------------------
   pretrained = pretrained_info = None
@@ -110,7 +115,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
   sharding.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
   eval_batch = state_lib.eval_batch_size(config, mesh)
   # --- The workdir: lock, run record (a resume may not silently change the run) ---
-  with workdir_lib.session(config, workdir, mesh, accept_changes) as run:
+  with workdir_lib.session(config, workdir, mesh, accept_changes, outcome) as run:
     # --- Input pipeline ---------------------------------------------------------
     source = input_pipeline.get_source(config)
     input_pipeline.resolve_splits(config, source)  # The fine-tuning configs leave them "".
@@ -139,17 +144,26 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
     run.check_model(record)
 
     # --- Train state: restored, or fresh (with init_from merged in) ---------------
-    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, setup.shardings)
+    # Each checkpoint carries the run's config: its identity without config.json.
+    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, setup.shardings,
+                                        config=run_record.flat_config(config))
     run.callback(ckpts.close)
     state = ckpts.restore_latest(setup.abstract_state)
     if state is None:
+      run.check_fresh_start(ckpts, config.checkpoint_every_steps)  # No silent restart.
       state = weights.init_state(setup, pretrained, config.init_from)
     start_step = int(jax.device_get(state["step"]))
+    outcome = run.outcome
+    outcome.update(step=start_step, saved_step=start_step if start_step else None)
     if start_step >= total_steps:
       final = metrics_lib.last_eval(workdir)
       logging.warning("Run %s already finished at step %d (of %d); its final metrics: %s. "
-                      "Raise config.num_train_steps to train further, or use a new --workdir.",
-                      workdir, start_step, total_steps, final)
+                      "To train further, fine-tune from it in a new --workdir "
+                      "(--config.init_from=%s), or raise config.num_train_steps with "
+                      "--accept_changes=num_train_steps (the learning-rate schedule is "
+                      "then rebuilt over the new length: a warm restart).",
+                      workdir, start_step, total_steps, final, workdir)
+      outcome.update(status="finished", eval=final, eval_step=start_step if final else None)
       return final
     run.start(start_step, config, record)
     # The input position is the step: the stream resumes at the same global batch on
@@ -183,6 +197,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
       batch = sharding.global_batch(input_pipeline.to_numpy(local), mesh)
       state, step_metrics = train_step(state, batch)
       step += 1
+      outcome["step"] = step
       history.append((step, step_metrics))
       is_last = step == total_steps
       stop = preemption.should_stop(step)
@@ -197,7 +212,9 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
       progress(step)
       with progress.paused():
         if step % config.eval_every_steps == 0 or is_last:
+          logging.info("Evaluating step %d on %s.", step, config.eval_split)
           eval_metrics = evaluator(state["params"])
+          outcome.update(eval=eval_metrics, eval_step=step)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if config.fewshot_every_steps and (step % config.fewshot_every_steps == 0 or is_last):
           # Linear probes on frozen pre-logits (paper's few-shot results).
@@ -210,12 +227,19 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
                                       for k, v in shots.items()})
         if step % config.checkpoint_every_steps == 0 or is_last or stop:
           _check_metrics(history, config.nonfinite)
+          logging.info("Saving checkpoint step %d.", step)
           ckpts.save(step, state)
-      if stop:
+          outcome["saved_step"] = step
+      if stop or (is_last and preemption.interrupted):
         if preemption.interrupted:
-          raise errors.Interrupted(f"checkpoint saved at step {step}; run the same command "
-                                   "to resume.")
+          # Also a Ctrl-C during the final evaluation or save: those finished, then 130.
+          outcome["status"] = "interrupted"
+          done = " (the run is finished)" if is_last else "; run the same command to resume"
+          raise errors.Interrupted(f"checkpoint saved at step {step}{done}.")
         logging.warning("Preempted: checkpoint saved at step %d; run the same command to "
                         "resume.", step)
+        outcome["status"] = "finished" if is_last else "preempted"
         break
+    else:
+      outcome["status"] = "finished"
     return eval_metrics

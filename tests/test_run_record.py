@@ -61,11 +61,106 @@ def test_resume_refuses_run_changing_keys_naming_old_and_new(tmp_path):
 
 def test_resume_allows_extending_observing_and_execution_changes(tmp_path):
   c, record = _record(tmp_path)
-  c.num_train_steps, c.eval_every_steps, c.log_every_steps = 99, 7, 3
+  c.eval_every_steps, c.log_every_steps = 7, 3
   c.sharding, c.mesh_model, c.model.kernels = "fsdp", 2, "xla"
   found = run_record.check_resume(record, c, [], str(tmp_path))
-  assert set(found) == {"num_train_steps", "eval_every_steps", "log_every_steps",
+  assert set(found) == {"eval_every_steps", "log_every_steps",
                         "sharding", "mesh_model", "model.kernels"}
+
+
+def test_run_length_is_refused_saying_the_learning_rate_it_would_give(tmp_path):
+  """The finished 600-step digits run resumed with 1200 steps: refused, naming the rate
+  the resume step would get under the rebuilt schedule (README's number)."""
+  from configs import default
+  c = default.get_config()
+  record = run_record.write(str(tmp_path), c, run_record.start_entry(0, 1, 1, "cpu"))
+  c.num_train_steps = 1200
+  with pytest.raises(errors.WorkdirError) as e:
+    run_record.check_resume(record, c, [], str(tmp_path), 600, workdir_lib.scheduled_rate)
+  assert str(e.value) == (
+      f"Resuming {tmp_path} with a config that changes the run (num_train_steps: 600 -> "
+      "1200: accepting it rebuilds the learning-rate schedule over the new length, so the "
+      "rate at the resume step 600 becomes 0.001713 instead of the recorded schedule's 0 "
+      "(a warm restart, not a continuation)); use the recorded config "
+      f"({tmp_path}/config.json), a new --workdir, or accept it deliberately with "
+      "--accept_changes=num_train_steps.")
+  assert "1.713e-03" in (REPO and open(os.path.join(REPO, "README.md")).read())
+  assert run_record.check_resume(record, c, ["num_train_steps"], str(tmp_path))[
+      "num_train_steps"] == (600, 1200)
+  # An epoch count is refused too (its total is known only with the data)...
+  c.num_train_steps, c.num_epochs = 0, 2.0
+  with pytest.raises(errors.WorkdirError, match=r"the rate jumps at the resume step"):
+    run_record.check_resume(record, c, [], str(tmp_path), 600, workdir_lib.scheduled_rate)
+  # ...but not where a fixed step count makes it unread.
+  c.num_train_steps = 600
+  assert run_record.check_resume(record, c, [], str(tmp_path)) == {}
+
+
+@pytest.mark.parametrize("content", ["dir", "[1, 2]", '{"config": 5}', '{"starts": []}',
+                                     '{"config": {}, "starts": 3}'])
+def test_malformed_record_is_one_sentence(tmp_path, content):
+  path = tmp_path / "config.json"
+  if content == "dir":
+    path.mkdir()
+  else:
+    path.write_text(content)
+  with pytest.raises(errors.WorkdirError, match=(
+      r"config.json is not a readable run record \(\w+: .+\); restore it from a backup, "
+      r"or move it aside \(a resume then checks the config its checkpoints carry\)\.$")):
+    run_record.read(str(tmp_path))
+
+
+def test_lost_record_is_checked_against_the_checkpoints_config(data_dir, tmp_path,
+                                                                monkeypatch):
+  """rm config.json, then resume with another seed and learning rate: refused (the
+  newest checkpoint carries the config); the same config resumes and rewrites it."""
+  from mixer_jax import checkpoint
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2, eval_every_steps=100),
+                           workdir)
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(errors.WorkdirError, match=r"\(learning_rate: 0.003 -> 0.01; seed: 0 "
+                     r"-> 5\); use the recorded config"):
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2, seed=5,
+                                         learning_rate=0.01), workdir)
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  assert checkpoint.saved_config(workdir)[0] == 2
+  # Checkpoints from before configs were saved in them: refused unless all is accepted.
+  monkeypatch.setattr(checkpoint, "saved_config", lambda w: (2, None))
+  with pytest.raises(errors.WorkdirError, match=(
+      r"has checkpoints \(newest step 2\) but no .*config.json, and they do not carry their "
+      r"config, so this resume cannot be checked; restore config.json from a backup, or "
+      r"accept this command's config as the run's record with --accept_changes=all\.")):
+    workdir_lib.check_record(workdir, tiny_config(data_dir), [2], [])
+  assert workdir_lib.check_record(workdir, tiny_config(data_dir), [2], ["all"]) == {}
+  monkeypatch.undo()
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2, log_every_steps=1,
+                                       eval_every_steps=100), workdir)
+  assert run_record.read(workdir)["config"]["seed"] == 0  # Rewritten from the checked run.
+
+
+def test_unreadable_checkpoints_do_not_restart_a_run_silently(data_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = lambda: tiny_config(data_dir, num_train_steps=2, eval_every_steps=100)
+  train.train_and_evaluate(config(), workdir)
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(0)
+  with pytest.raises(errors.WorkdirError) as e:
+    train.train_and_evaluate(config(), workdir)
+  aside = os.path.join(workdir, "unreadable_checkpoints")
+  moved = os.path.join(aside, os.listdir(aside)[0])
+  assert str(e.value) == (
+      f"Workdir {workdir} cannot resume: every checkpoint was unreadable (moved step 2 to "
+      f"{moved}), and starting over would silently make it another run; use a new "
+      "--workdir, or start over here deliberately with --accept_changes=restart.")
+  with pytest.raises(errors.WorkdirError, match=(
+      r"cannot resume: its checkpoints were set aside as unreadable")):
+    train.train_and_evaluate(config(), workdir)
+  outcome = {}
+  train.train_and_evaluate(config(), workdir, ["restart"], outcome)
+  assert outcome["status"] == "finished" and outcome["step"] == 2
 
 
 def test_keys_gained_at_their_default_or_lost_since_the_record_are_not_changes(tmp_path):

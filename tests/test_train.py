@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -121,11 +122,18 @@ def test_rerun_resumes_and_raising_steps_continues(trained, data_dir):
   # A change to the run itself is refused before anything runs, naming old and new.
   with pytest.raises(errors.WorkdirError, match=r"batch_size: 32 -> 16; learning_rate"):
     train.train_and_evaluate(tiny_config(data_dir, batch_size=16, learning_rate=0.1), workdir)
-  # More steps are allowed; a learning-rate change only when accepted.
-  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, learning_rate=2e-3),
-                           workdir, accept_changes=["learning_rate"])
-  steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
-  assert steps == [2, 4, 6]
+  # More steps rebuild the schedule: refused, naming the rate the resume step would get;
+  # accepted, step 5 trains at exactly that rate (a warm restart).
+  with pytest.raises(errors.WorkdirError) as e:
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, learning_rate=2e-3),
+                             workdir)
+  said = float(re.search(r"rate at the resume step 4 becomes (\S+) instead", str(e.value))[1])
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, learning_rate=2e-3,
+                                       log_every_steps=1),
+                           workdir, accept_changes=["learning_rate", "num_train_steps"])
+  rows = [r for r in read_metrics(workdir) if "train/loss" in r]
+  assert [r["step"] for r in rows] == [2, 4, 5, 6]
+  assert rows[2]["train/learning_rate"] == pytest.approx(said, rel=1e-3)
   assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
   starts = run_record.read(workdir)["starts"]
   assert [s["step"] for s in starts] == [0, 4]
@@ -606,6 +614,87 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
   assert f"Resumed from step {STEPS - 1}" in err
   assert os.listdir(os.path.join(workdir, "unreadable_checkpoints"))  # Kept, not deleted.
   # The run fell back to step STEPS-1, redid the last step and ended where it would have.
+  _assert_identical(_final_params(workdir), expected)
+
+
+# Signals at each moment of a run: (signals, extra flags, what the log or workdir shows
+# just before the moment, exit code, status). In CI the two that crashed or were
+# ignored before; MIXER_FAULT_MOMENTS=all runs every row.
+MOMENTS = {
+    "compile": ([signal.SIGINT], [], "log:Training S/2", 130, "interrupted"),
+    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:Training S/2", 130,
+                      "interrupted"),
+    "step": ([signal.SIGINT], [], "step:5", 130, "interrupted"),
+    "periodic_eval": ([signal.SIGINT], ["--config.eval_every_steps=8"],
+                      "log:Evaluating step 8 ", 130, "interrupted"),
+    "save": ([signal.SIGINT], [], "log:Saving checkpoint step 10.", 130, "interrupted"),
+    "final_eval": ([signal.SIGINT], [], f"log:Evaluating step {STEPS} ", 130, "interrupted"),
+    "sigterm": ([signal.SIGTERM], [], "step:5", 0, "preempted"),
+}
+CI_MOMENTS = ("double_ctrl_c", "final_eval")
+
+
+def _selected_moments():
+  chosen = os.environ.get("MIXER_FAULT_MOMENTS", ",".join(CI_MOMENTS))
+  return list(MOMENTS) if chosen == "all" else chosen.split(",")
+
+
+def _wait_for(proc, log_path, workdir, what, timeout=300):
+  kind, text = what.split(":", 1)
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if kind == "log":
+      with open(log_path) as f:
+        if text in f.read():
+          return True
+    elif os.path.isdir(os.path.join(workdir, "checkpoints", text)):
+      return True
+    time.sleep(0.02)
+  return False
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("moment", _selected_moments())
+def test_signals_at_each_moment_give_the_documented_exit_and_last_line(
+    data_dir, tmp_path, reference, moment):
+  """Exit code, one JSON outcome as the last stdout line, one stderr line, no
+  traceback or crash (a second Ctrl-C during compilation was exit 139); the same
+  command then ends bit-identical to the uninterrupted run (docs/errors.md#exit-codes)."""
+  _, expected, _ = reference
+  signals, extra, when, code, status = MOMENTS[moment]
+  workdir, out_path, log_path = tmp_path / "w", tmp_path / "out", tmp_path / "err"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, "-m", "mixer_jax.main", "--config=configs/default.py"] + _flags(
+      data_dir, workdir) + extra
+  with open(out_path, "w") as out, open(log_path, "w") as err:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
+  assert _wait_for(proc, log_path, workdir, when), open(log_path).read()[-3000:]
+  for i, sig in enumerate(signals):
+    if i:
+      time.sleep(0.3)
+    proc.send_signal(sig)
+  proc.wait(timeout=600)
+  err = open(log_path).read()
+  assert proc.returncode == code, err[-3000:]
+  assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+  last = json.loads(open(out_path).read().strip().splitlines()[-1])
+  assert last["status"] == status and last["step"] >= 0, last
+  saved = _latest_step(workdir)
+  assert last["saved_step"] == (saved or None), (last, saved)
+  if code == 130:
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("Interrupted: "), line
+    assert (f"step {saved}" in line) if saved else "no checkpoint" in line, line
+  if moment == "final_eval":
+    assert last["eval_step"] == STEPS and "accuracy" in last["eval"]
+    assert err.strip().splitlines()[-1] == (
+        f"Interrupted: checkpoint saved at step {STEPS} (the run is finished).")
+  # The same command resumes and ends where the uninterrupted run did.
+  with open(out_path, "w") as out, open(log_path, "w") as err_file:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err_file)
+  _finish(proc, log_path)
+  final = json.loads(open(out_path).read().strip().splitlines()[-1])
+  assert final["status"] == "finished" and final["step"] == STEPS, final
   _assert_identical(_final_params(workdir), expected)
 
 
