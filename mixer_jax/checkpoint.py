@@ -1,31 +1,22 @@
 """Training checkpoints (orbax) of a workdir, and reading a step's parameters back.
 
-WORKDIR/
-  model.json            model fields, classes, image size (what the checkpoints are of)
-  checkpoints/<step>/   orbax items `params`, `opt_state`, `meta` (the step and the run's
-                        flat config: its identity, see below)
+WORKDIR/checkpoints/<step>/ holds the orbax items `params`, `opt_state` and `meta` (the
+step and the run's flat config). No input state is saved: the stream's position is the
+step itself (input_pipeline.py). Orbax finalises a step atomically, so a listed step is
+complete; an unreadable one is set aside (`WORKDIR/unreadable_checkpoints/`) and the
+previous one used.
 
-No input state is saved: the training stream's position is the step itself
-(input_pipeline.py). Orbax finalises a step directory atomically (temp dir, then
-rename), so a step that orbax lists is complete; a restart that finds an unreadable
-one sets it aside (`WORKDIR/unreadable_checkpoints/`) and falls back to the previous.
+Identity: `meta` holds the run's whole flat config (run_record.py), in the step because
+orbax finalises a step's items together: a step always carries the config it was
+trained with, so a lost `config.json` is checked and rewritten from it, key by key.
 
-Identity: each step's `meta` item also holds the run's flat config (run_record.py's
-`config`), so the record survives a lost `config.json`. It lives in the step itself
-rather than beside it because orbax finalises the items of a step together: a step
-that exists always carries the config it was trained with, and removing or copying
-a step keeps the two together. The whole config (a few kB of JSON), not a hash, so a
-refused resume can name each changed key and the record can be rewritten from it.
-
-Block layout: a checkpoint keeps the run's own (a scanned model's blocks stacked
-under `MixerBlock`), so a save writes the state as the step left it: no conversion
-program and no second copy of the state on every save of a long run. Layouts are
-converted (`models.to_layout`) only where they meet: a resume whose `model.scan`
-changed converts once, and the readers of `read_params` (weights.load_params) convert
-to the released layout on the host; that layout is for files people exchange.
+Block layout: a checkpoint keeps the run's own (a scanned model's blocks stacked), so
+a save writes the state as the step left it, with no conversion program on every save.
+Layouts are converted (`models.to_layout`) only where they meet: once on a resume whose
+`model.scan` changed, and on the host where weights.load_params releases a workdir's
+parameters in the layout people exchange.
 """
 
-import json
 import os
 import time
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -33,29 +24,14 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mixer_jax import errors
 from mixer_jax import models
 
-MODEL_FILE = "model.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-def read_model_file(workdir: str):
-  path = os.path.join(workdir, MODEL_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_model_file(workdir: str, info: Mapping[str, Any]) -> None:
-  path = os.path.join(workdir, MODEL_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def saved_steps(workdir: str):
@@ -70,7 +46,6 @@ def saved_config(workdir: str):
   """(step, flat config) from the `meta` of the newest step that has one, or (step, None)
   where the newest readable steps predate configs in checkpoints; (None, None) without
   readable steps."""
-  import orbax.checkpoint as ocp
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   newest = None
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
@@ -90,7 +65,6 @@ def saved_config(workdir: str):
 def read_params(workdir: str, step: Optional[int] = None):
   """The parameters (numpy, in the layout stored) of a workdir's newest readable step,
   or of `step`; read via this process's first device, so from any topology."""
-  import orbax.checkpoint as ocp
   directory, unreadable = os.path.join(workdir, CHECKPOINT_DIR), []
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for step in reversed(saved_steps(workdir) if step is None else [step]):
@@ -128,8 +102,7 @@ class TrainCheckpoints:
   def __init__(self, workdir: str, keep: int,
                shardings: Optional[Callable[[Any], Any]] = None,
                config: Optional[Mapping[str, Any]] = None):
-    import orbax.checkpoint as ocp
-    self._ocp, self._shardings = ocp, shardings
+    self._shardings = shardings
     self._config = dict(config) if config is not None else None  # Saved with each step.
     self.set_aside = []  # Unreadable steps set aside by restore_latest (every process).
     self.moved_aside: Dict[int, str] = {}  # Where each went (process 0).
@@ -145,7 +118,6 @@ class TrainCheckpoints:
                        "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state) -> None:
-    ocp = self._ocp
     try:
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(state["params"]),
@@ -157,7 +129,7 @@ class TrainCheckpoints:
       previous = [s for s in self.manager.all_steps() if s != step]
       kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
       raise errors.WorkdirError(
-          f"Saving checkpoint step {step} in {self.dir} failed ({_short(e)}); {kept}, so "
+          f"Saving checkpoint step {step} in {self.dir} failed ({errors.short(e)}); {kept}, so "
           "free disk space (or fix the path) and rerun the same command to resume.") from e
 
   def restore_latest(self, abstract_state) -> Optional[Dict[str, Any]]:
@@ -171,13 +143,13 @@ class TrainCheckpoints:
           metadata = self.manager.item_metadata(step)["params"]
           stored = _layout(getattr(metadata, "tree", metadata))
           target = wanted if stored in (None, layout) else self._target(wanted, stored)
-          restored = self.manager.restore(step, args=self._ocp.args.Composite(
-              params=self._ocp.args.StandardRestore(target["params"]),
-              opt_state=self._ocp.args.StandardRestore(target["opt_state"]),
-              meta=self._ocp.args.JsonRestore()))
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(target["params"]),
+              opt_state=ocp.args.StandardRestore(target["opt_state"]),
+              meta=ocp.args.JsonRestore()))
         except Exception as e:  # Truncated or corrupted files: use the previous step.
           logging.error("Checkpoint step %d in %s is unreadable (%s); falling back to the "
-                        "previous one.", step, self.dir, _short(e))
+                        "previous one.", step, self.dir, errors.short(e))
           unreadable.append(step)
           continue
         trees = {"params": restored["params"], "opt_state": restored["opt_state"]}
@@ -207,7 +179,6 @@ class TrainCheckpoints:
     if not steps:
       return
     self.set_aside += list(steps)
-    from jax.experimental import multihost_utils
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mixer_set_aside_unreadable_checkpoints")
     if jax.process_index() == 0:
@@ -224,8 +195,3 @@ class TrainCheckpoints:
 
   def close(self):
     self.manager.close()
-
-
-def _short(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__

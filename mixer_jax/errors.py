@@ -23,6 +23,12 @@ import sys
 from absl import flags
 
 
+def short(error: BaseException) -> str:
+  """An exception as a clause for a sentence: its type and the first line of its text."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
 class ConfigError(ValueError):
   """A config value, flag or command-line usage that cannot work."""
 

@@ -50,6 +50,26 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tens
             "tensorflow", "tensorflow-datasets", "ml_collections", "clu")
 
 
+
+MODEL_FILE = "model.json"  # What the checkpoints are of: fields, classes, image size.
+
+
+def read_model_file(workdir: str):
+  path = os.path.join(workdir, MODEL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_model_file(workdir: str, info: Mapping[str, Any]) -> None:
+  path = os.path.join(workdir, MODEL_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def flat_config(config) -> Dict[str, Any]:
   """{dotted key: JSON value} of a ConfigDict (or a nested dict); tuples as lists."""
   items = config.items() if hasattr(config, "items") else config

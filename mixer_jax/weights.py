@@ -53,6 +53,7 @@ from mixer_jax import errors
 from mixer_jax import hub
 from mixer_jax import models
 from mixer_jax import resolution
+from mixer_jax import run_record
 from mixer_jax import timm_layout
 
 _PASS = ("pass a released .npz, a .safetensors file written by mixer_jax.export, or a "
@@ -203,7 +204,7 @@ def load_safetensors(path: str) -> Dict[str, Any]:
     state_dict = read_safetensors(path)
   except Exception as e:  # SafetensorError, or a dtype numpy lacks (bfloat16).
     raise errors.CheckpointError(
-        f"{path} is not a readable .safetensors file ({_short(e)}); it may be truncated, "
+        f"{path} is not a readable .safetensors file ({errors.short(e)}); it may be truncated, "
         "so export or download it again.") from None
   if not state_dict:
     raise errors.CheckpointError(f"{path} holds no arrays; it is not a Mixer checkpoint.")
@@ -477,15 +478,15 @@ def load_params(path: str):
                           "file, a training workdir or one of its checkpoints/<step> "
                           "directories.")
   workdir, step = path, None
-  if checkpoint.read_model_file(path) is None:
+  if run_record.read_model_file(path) is None:
     parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if os.path.basename(os.path.abspath(path)).isdigit() and checkpoint.read_model_file(parent):
+    if os.path.basename(os.path.abspath(path)).isdigit() and run_record.read_model_file(parent):
       workdir, step = parent, int(os.path.basename(os.path.abspath(path)))
     else:
       raise errors.CheckpointError(f"{path} is neither a .npz checkpoint nor a workdir of this "
-                            f"codebase (no {checkpoint.MODEL_FILE}); pass a .npz or .safetensors "
+                            f"codebase (no {run_record.MODEL_FILE}); pass a .npz or .safetensors "
                             "file or a workdir.")
-  model_info = checkpoint.read_model_file(workdir)
+  model_info = run_record.read_model_file(workdir)
   # A scanned run's checkpoints hold its stacked blocks: released here, on the host.
   params = released(checkpoint.read_params(workdir, step))
   info = dict(model=model_info["model"], num_classes=model_info["num_classes"],
@@ -494,9 +495,3 @@ def load_params(path: str):
   if model_info.get("variant"):  # The family's name; released files do not record one.
     info["variant"] = model_info["variant"]
   return params, info
-
-
-def _short(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
-

@@ -184,7 +184,7 @@ def check_record(workdir: str, config, saved_steps, accept) -> Dict[str, Any]:
 
 def check_same_model(workdir: str, record: Dict[str, Any]) -> None:
   """A workdir's checkpoints must be of the model being trained."""
-  old = checkpoint.read_model_file(workdir)
+  old = run_record.read_model_file(workdir)
   if old is None:
     return
   for key in ("model", "num_classes", "image_size"):
@@ -269,7 +269,7 @@ class Session:
   def start(self, step: int, config, record: Dict[str, Any]) -> None:
     """Records this start: model.json, and config.json with its `starts` entry."""
     if jax.process_index() == 0:
-      checkpoint.write_model_file(self.workdir, record)
+      run_record.write_model_file(self.workdir, record)
       previous = run_record.read(self.workdir) if step else None
       run_record.write(self.workdir, config, run_record.start_entry(
           step, jax.process_count(), jax.device_count(), jax.devices()[0].device_kind,

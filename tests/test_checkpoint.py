@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mixer_jax import checkpoint
+from mixer_jax import run_record
 from mixer_jax import models
 from mixer_jax import weights
 from test_models import _random_params as random_params
@@ -92,7 +93,7 @@ def test_scanned_and_unrolled_runs_keep_their_layout_and_restore_either(
                     models.to_layout(unrolled, models.model_layout(setups[scan].model)),
                     setups[scan])
   # The readers of a workdir get the released layout: load_params and export.
-  checkpoint.write_model_file(work[True], dict(model=setups[True].fields, num_classes=10,
+  run_record.write_model_file(work[True], dict(model=setups[True].fields, num_classes=10,
                                                image_size=8))
   out, saved, stacked = (str(tmp_path / f"{n}.npz") for n in ("out", "saved", "stacked"))
   export.export(work[True], "npz", out)
@@ -121,7 +122,7 @@ def test_scanned_files_written_by_orbax_itself_restore_into_either_model(
   assert "['MixerBlock']['token_mixing']['Dense_0']['kernel']" in stored_items(workdir)["params"]
   _assert_state(_restore(workdir, setups[False]), unrolled, setups[False])
   _assert_state(_restore(workdir, setups[True]), models.to_scanned(unrolled), setups[True])
-  checkpoint.write_model_file(workdir, dict(model=setups[True].fields, num_classes=10,
+  run_record.write_model_file(workdir, dict(model=setups[True].fields, num_classes=10,
                                             image_size=8))
   params = weights.flatten(weights.load_params(workdir)[0])
   assert params.keys() == weights.flatten(unrolled["params"]).keys()

@@ -34,7 +34,6 @@ import pytest
 
 from conftest import REPO, config_flags, read_metrics, run_main, tiny_config
 from configs import finetune
-from mixer_jax import checkpoint
 from mixer_jax import errors
 from mixer_jax import evaluate
 from mixer_jax import input_pipeline
@@ -70,7 +69,7 @@ def test_training_writes_metrics_events_and_checkpoints(trained):
   assert fewshot_row["step"] == 4 and 0.0 <= fewshot_row["fewshot/10shot"] <= 1.0
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  assert checkpoint.read_model_file(workdir)["num_classes"] == 10
+  assert run_record.read_model_file(workdir)["num_classes"] == 10
 
 
 @pytest.mark.slow
@@ -245,8 +244,8 @@ def test_init_from_a_workdir_takes_its_architecture(trained, data_dir, tmp_path)
               "channels_mlp_dim"):
     config.model[key] = "" if key == "variant" else 0  # Nothing re-typed.
   train.train_and_evaluate(config, str(tmp_path / "ft"))
-  assert checkpoint.read_model_file(str(tmp_path / "ft"))["model"] == \
-      checkpoint.read_model_file(workdir)["model"]
+  assert run_record.read_model_file(str(tmp_path / "ft"))["model"] == \
+      run_record.read_model_file(workdir)["model"]
   recorded = run_record.read(str(tmp_path / "ft"))["config"]
   assert (recorded["model.variant"], recorded["image_size"]) == ("S/2", 8)
 
