@@ -15,10 +15,10 @@ PACKAGE = os.path.join(REPO, "mixer_jax")
 
 # Top-level modules and subpackages of mixer_jax, by floor.
 FLOORS = {
-    0: ("errors", "kernels", "host_memory", "paths"),
+    0: ("errors", "host_memory", "paths"),
     1: ("models", "optim", "sharding", "metrics", "distributed", "fewshot", "augment",
         "resolution", "datasets", "timm_layout", "run_record", "workdir_lock"),
-    2: ("steps", "checkpoint", "input_pipeline"),
+    2: ("steps", "checkpoint", "input_pipeline", "kernels"),
     3: ("state",),
     4: ("evaluation",),
     5: ("train",),
