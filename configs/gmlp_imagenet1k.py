@@ -66,7 +66,6 @@ def get_config(arg=None):
   c.eval_crop_fraction = 0.875
 
   c.model.variant = variant
-  c.model.tokens_mlp_dim = 0  # gMLP has none.
   c.model.stoch_depth = {"gmlp_ti16": 0.0, "gmlp_s16": 0.05, "gmlp_b16": 0.2}[variant]
   c.model.dropout = 0.0
   c.dtype = "bfloat16"

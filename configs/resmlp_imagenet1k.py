@@ -75,7 +75,6 @@ def get_config(arg=None):
   c.eval_crop_fraction = 0.9
 
   c.model.variant = variant
-  c.model.tokens_mlp_dim = 0  # ResMLP has none.
   c.model.stoch_depth = 0.05 if variant == "resmlp_12" else 0.1
   c.model.dropout = 0.0
   c.dtype = "bfloat16"

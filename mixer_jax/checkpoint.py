@@ -184,7 +184,7 @@ def family_of(params: Mapping[str, Any]) -> "models.Family":
   name what a Mixer lacks)."""
   flat = flatten(params) if isinstance(params, Mapping) else params
   for fam in models.families():
-    block = re.compile(rf"{re.escape(fam.block)}_\d+/")
+    block = re.compile(rf"{re.escape(fam.block_name)}_\d+/")
     if any(block.match(k) for k in flat):
       return fam
   return models.family_named("mixer")
@@ -211,7 +211,7 @@ def describe(params: Mapping[str, Any], source: str = "The parameter tree") -> D
           f"{source} parameter {key} has shape {tuple(np.shape(flat[key]))}, not the "
           f"{rank}-D shape of a {title}'s; {_PASS}.")
   sizes = {name: int(np.shape(flat[key])[axis]) for name, (key, axis) in fam.shape_keys.items()}
-  block = re.compile(rf"{re.escape(fam.block)}_(\d+)/")
+  block = re.compile(rf"{re.escape(fam.block_name)}_(\d+)/")
   blocks = [int(m.group(1)) for m in map(block.match, flat) if m]
   desc = dict(patch_size=sizes["patch_size"], hidden_dim=sizes["hidden_dim"],
               num_blocks=max(blocks) + 1)
@@ -234,9 +234,8 @@ def expected_shapes(desc: Mapping[str, int], source: str = "The checkpoint",
   given); the input is one row of num_tokens patches, so any token count works."""
   fields = size_fields(desc)
   try:
-    model = models.create_model(models.variant_for(family, fields), desc["num_classes"],
-                                **fields, kernels="xla")  # Plain ops: no backend is started.
-  except ValueError as e:
+    model = models.create_model(family, desc["num_classes"], **fields)
+  except (ValueError, TypeError) as e:
     raise errors.CheckpointError(
         f"{source} describes no valid {_TITLES[family]} ({e}); {_PASS}.") from None
   p = desc["patch_size"]
@@ -309,7 +308,7 @@ def _check_same_variant(init_flat, pre_flat, source: str) -> None:
 
 
 def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any],
-                    *, source: str = "checkpoint") -> Dict[str, Any]:
+                    *, source: str = "checkpoint", log: bool = True) -> Dict[str, Any]:
   """Merges `pretrained` into `init_params` (a freshly initialised model's params).
 
   Either tree may be in either block layout: both are compared and merged key by key
@@ -328,12 +327,13 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
   init_flat, pre_flat = flatten(released(init_params)), flatten(released(pretrained))
   _check_same_variant(init_flat, pre_flat, source)
   pre_flat = resolution.expand_if_needed(init_flat, pre_flat, source=source)
-  merged = {}
+  merged, reinit = {}, []
   for key, init_value in init_flat.items():
     is_head = key.startswith("head/")
     if key not in pre_flat:
       if is_head:
-        logging.info("%s has no %s; keeping the fresh head.", source, key)
+        if log:
+          logging.info("%s has no %s; keeping the fresh head.", source, key)
         merged[key] = init_value
         continue
       raise errors.CheckpointError(f"{source} is missing parameter {key} (model expects shape "
@@ -341,8 +341,7 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
     value = pre_flat[key]
     if tuple(value.shape) != tuple(init_value.shape):
       if is_head:
-        logging.info("Re-initialising %s: checkpoint shape %s, model shape %s.", key,
-                     tuple(value.shape), tuple(init_value.shape))
+        reinit.append(f"{key} {tuple(value.shape)} -> {tuple(init_value.shape)}")
         merged[key] = init_value
         continue
       raise errors.CheckpointError(
@@ -355,6 +354,9 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
     raise errors.CheckpointError(f"{source} has parameter {unexpected[0]} (shape "
                           f"{tuple(pre_flat[unexpected[0]].shape)}) that the model lacks "
                           f"({len(unexpected)} unexpected in all); check the variant.")
+  if reinit and log:
+    logging.info("Re-initialising the head (checkpoint shape -> model shape): %s.",
+                 ", ".join(reinit))
   merged = unflatten(merged)
   return models.to_scanned(merged) if target == models.SCANNED else merged
 
@@ -427,8 +429,8 @@ def load_params(path: str):
   Returns (params as nested numpy dict in the released, unrolled layout, also for a
   scanned model's workdir, info) with info keys `model` (create_model
   size fields), `num_classes`, `class_names` (list or None), `image_size` (or None),
-  and `variant` where known (a workdir's; for a file of a ResMLP or gMLP, the
-  family's variant of those sizes: `models.variant_for`).
+  `family` and `variant` (the model's name, `models.model_name`; a workdir's as
+  recorded).
   """
   if os.path.isfile(path):
     params = load_file(path)
@@ -437,9 +439,8 @@ def load_params(path: str):
     info = dict(model=size_fields(desc),
                 num_classes=desc["num_classes"], class_names=None,
                 image_size=side * desc["patch_size"] if side * side == desc["num_tokens"] else None)
-    family = family_of(params).name
-    if family != "mixer":  # A Mixer file's variant stays unnamed, as released files are.
-      info["variant"] = models.variant_for(family, info["model"])
+    info["family"] = family = family_of(params).name
+    info["variant"] = models.model_name(family, info["model"])
     return params, info
   if not os.path.isdir(path):
     raise errors.CheckpointError(f"Checkpoint {path} does not exist; pass a .npz or .safetensors "
