@@ -175,7 +175,8 @@ def resolve_model(config, weights_info: Optional[Dict[str, Any]] = None,
     raise errors.ConfigError(
         f"gMLP's channels_mlp_dim={m.channels_mlp_dim} must be even: the spatial gating "
         "unit splits it in two halves.")
-  m.name = models.model_name(fam.name, size_fields(config))
+  m.name = models.model_name(fam.name, {k: getattr(m, k) for k in SIZE_FIELDS
+                                         if k in fam.fields})
 
 
 def resolve_from_weights(config, weights_info: Dict[str, Any], source: str) -> None:
@@ -225,6 +226,8 @@ def _check_against_weights(config, info, fam, source) -> None:
 
 def size_fields(config) -> Dict[str, int]:
   """The resolved model's size fields (those of SIZE_FIELDS its family has)."""
+  if getattr(config.model, "name", None) is None:
+    resolve_model(config)
   fam = models.family_named(config.model.family)
   return {k: int(getattr(config.model, k)) for k in SIZE_FIELDS if k in fam.fields}
 
@@ -232,7 +235,10 @@ def size_fields(config) -> Dict[str, int]:
 def model_fields(config, *, train: bool = True) -> Dict[str, Any]:
   """The resolved config's value of every field of its family's module, by name:
   config.model's, else the config's own (dtype, head_bias_init). `train=False` gives
-  the evaluation model's: no stochastic depth, no dropout (the same parameter tree)."""
+  the evaluation model's: no stochastic depth, no dropout (the same parameter tree).
+  A config that no entry point resolved is resolved here (resolve_model is idempotent)."""
+  if getattr(config.model, "name", None) is None:
+    resolve_model(config)
   fam = models.family_named(config.model.family)
   fields = {}
   for key in fam.fields:
