@@ -19,7 +19,7 @@ from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint
 
 
 def _tiny(num_classes=5, **kw):
-  return models.create_model("S/4", num_classes, **dict(TINY, **kw))
+  return models.from_preset("S/4", num_classes, **dict(TINY, **kw))
 
 
 def _write_released_layout(path, params):
@@ -91,7 +91,7 @@ def test_load_pretrained_of_a_released_npz_zeroes_the_new_head(tmp_path):
   """A 10-class released-layout `.npz` (non-zero head bias) into a 3-class model."""
   npz = checkpoint.load_npz(write_checkpoint(str(tmp_path / "c10.npz"), 10,
                                              bias=np.arange(10, dtype=np.float32)))
-  model = models.create_model("S/4", 3, **NPZ_TINY)
+  model = models.from_preset("S/4", 3, **NPZ_TINY)
   fresh = models.init_params(model, NPZ_SIZE, jax.random.key(1))
   merged = checkpoint.flatten(checkpoint.load_pretrained(fresh, npz, source="c10.npz"))
   pre = checkpoint.flatten(npz)
@@ -402,7 +402,7 @@ def test_init_from_a_released_npz_into_a_scanned_model(tmp_path, setups, scanned
   the 10-class model re-initialises the head."""
   setup = setups[True]
   path = str(tmp_path / "m.npz")
-  checkpoint.save_npz(random_params(models.create_model("S/2", 5, **setup.fields), 8,
+  checkpoint.save_npz(random_params(models.from_preset("S/2", 5, **setup.fields), 8,
                                     seed=9), path)
   pretrained, _ = checkpoint.load_params(path)
   checkpoint.load_pretrained(jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),

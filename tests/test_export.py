@@ -21,7 +21,7 @@ IMAGE = 8  # 2x2 = 4 tokens.
 
 
 def _random_params(num_classes=NUM_CLASSES, seed=0):
-  model = models.create_model("S/4", num_classes, **TINY)
+  model = models.from_preset("S/4", num_classes, **TINY)
   shapes = checkpoint.flatten(models.param_shapes(model, IMAGE))
   rng = np.random.default_rng(seed)
   flat = {}

@@ -390,7 +390,7 @@ def test_finetune_end_to_end(tmp_path):
   # head, and two clipped momentum-SGD steps written out by hand.
   source = input_pipeline.get_source(config)
   batches = iter(input_pipeline.train_dataset(source, config, 8, 3, 0, 1))
-  model = models.create_model("S/4", 3, **NPZ_TINY)
+  model = models.from_preset("S/4", 3, **NPZ_TINY)
 
   def clipped_grads(flat_params):
     batch = input_pipeline.to_numpy(next(batches))

@@ -1,6 +1,8 @@
 """The model registry: a family's module, its presets, and the run's name.
 
-  model = create_model("mixer", num_classes=1000, **preset("B/16")[1])
+  model = create_model("mixer", num_classes=1000, patch_size=16, num_blocks=12,
+                       hidden_dim=768, tokens_mlp_dim=384, channels_mlp_dim=3072)
+  model = from_preset("B/16", num_classes=1000)   # the same
   params = init_params(model, 224)
   logits = model.apply({"params": params}, images, train=False)   # NHWC in [-1, 1]
 
@@ -129,6 +131,13 @@ def model_name(family_name: str, fields: Mapping[str, Any]) -> str:
       return name
   return (f"{fam.title} custom (patch {int(fields['patch_size'])}, "
           f"{int(fields['num_blocks'])} x {int(fields['hidden_dim'])})")
+
+
+def from_preset(variant: str, num_classes: Optional[int], **fields):
+  """`create_model` of a preset's family and fields, `fields` given replacing the
+  preset's: `from_preset("B/16", 1000)`, `from_preset("S/4", 10, num_blocks=2)`."""
+  family, filled = preset(variant)
+  return create_model(family.name, num_classes, **{**filled, **fields})
 
 
 def create_model(family_name: str, num_classes: Optional[int], **fields):
