@@ -200,8 +200,9 @@ def test_resolve_model_fills_the_family_every_field_and_the_name():
 
 
 def test_a_new_token_mixing_hyperparameter_is_one_field_and_one_config_line(monkeypatch):
-  """README "Changing the model": a field on the MLP and on the model, a config line,
-  set from the command line, reaches the token-mixing MLP through the trainer's setup."""
+  """README "Changing the model": the field on the MLP, its block and the model, one
+  config line, set from the command line, reaches the token-mixing MLP through the
+  trainer's setup, unrolled and scanned."""
   seen = []
 
   class MlpBlock(layers.MlpBlock):
@@ -213,10 +214,15 @@ def test_a_new_token_mixing_hyperparameter_is_one_field_and_one_config_line(monk
       y = super().__call__(x, train=train)
       return y * self.token_scale if self.name == "token_mixing" else y
 
-  class MlpMixer(mixer.MlpMixer):
-    token_scale: float = 1.0  # ...on the model, whose fields config.model sets.
+  class MixerBlock(mixer.MixerBlock):
+    token_scale: float = 1.0  # ...handed on by the block...
 
-  monkeypatch.setattr(mixer, "MlpBlock", MlpBlock)  # As if edited in layers.py.
+  class MlpMixer(mixer.MlpMixer):
+    token_scale: float = 1.0  # ...from the model, whose fields config.model sets.
+
+  # As if edited in layers.py and mixer.py: the modules look each other up by name.
+  monkeypatch.setattr(mixer, "MlpBlock", MlpBlock)
+  monkeypatch.setattr(mixer, "MixerBlock", MixerBlock)
   monkeypatch.setattr(models, "_FAMILIES", [
       dataclasses.replace(f, module=MlpMixer) if f.name == "mixer" else f
       for f in models._FAMILIES])
@@ -237,6 +243,12 @@ def test_a_new_token_mixing_hyperparameter_is_one_field_and_one_config_line(monk
   scaled = tokens(setup.eval_model)
   assert ("token_mixing", 0.5) in seen and ("channel_mixing", 0.5) in seen
   assert not np.allclose(scaled, tokens(setup.eval_model.clone(token_scale=1.0)))
+  seen.clear()
+  scanned = setup.eval_model.clone(scan=True, remat_policy="full")
+  np.testing.assert_allclose(
+      scanned.apply({"params": models.to_scanned(params)}, images, return_tokens=True),
+      scaled, rtol=1e-6, atol=1e-6)
+  assert set(seen) == {("token_mixing", 0.5), ("channel_mixing", 0.5)}
 
 
 def test_image_side_not_divisible_by_patch_raises():
@@ -269,7 +281,7 @@ def test_stochastic_depth_eval_is_deterministic_and_train_drops():
 def test_drop_path_survival_rate_and_rescaling():
   x = jnp.ones((20_000, 3, 2))
   rate = 0.3
-  y = mixer.drop_path(x, rate, jax.random.key(0))
+  y = layers.drop_path(x, rate, jax.random.key(0))
   per_example = np.asarray(y[:, 0, 0])
   kept = per_example != 0
   # All of an example's branch is kept or dropped together (per-example decision).
@@ -552,9 +564,8 @@ def _float64(tree):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_one_block_matches_numpy_formula(kernels):
-  ops = models.kernel_ops(kernels)
-  block = mixer.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12,
-                           **{k: v for k, v in ops.items() if k != "conv_general_dilated"})
+  block = kernel_sets.Intercepted(mixer.MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=12),
+                                  kernel_sets.interceptors(kernels))
   x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
   shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"]
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
@@ -579,9 +590,10 @@ def test_whole_model_matches_numpy_forward(kernels):
 _DATA_PARALLEL_GRADIENT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from mixer_jax import models
-model = model_of("S/4", 5, patch_size=4, num_blocks=2, hidden_dim=8,
-                            tokens_mlp_dim=6, channels_mlp_dim=12, dtype=DTYPE)
+from mixer_jax import kernels, models
+model = kernels.Intercepted(models.from_preset(
+    "S/4", 5, patch_size=4, num_blocks=2, hidden_dim=8, tokens_mlp_dim=6,
+    channels_mlp_dim=12, dtype=DTYPE), kernels.interceptors("auto"))
 params = models.init_params(model, 16)
 mesh = Mesh(np.array(jax.devices()), ("data",))
 images = jax.device_put(jnp.ones((16, 16, 16, 3)), NamedSharding(mesh, P("data")))
@@ -663,11 +675,10 @@ def test_resmlp_and_gmlp_trees_and_options():
   assert np.abs(proj["kernel"]).max() < 1e-5 and np.all(proj["bias"] == 1.0)
   assert not model_of("gmlp_s16", 10).approximate_gelu
   assert model_of("resmlp_12", 10, approximate_gelu=True).approximate_gelu
-  with pytest.raises(ValueError, match="channels_mlp_dim=13 must be even"):
-    models.param_shapes(model_of("gmlp_s16", 10, **dict(FAMILY_TINY,
-                                                                   channels_mlp_dim=13)), 16)
-  with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['tokens_mlp_dim'\]"):
-    model_of("resmlp_12", 10, tokens_mlp_dim=4)
+  # An odd gMLP channels_mlp_dim is refused by state.resolve_model (test above); a
+  # field the module lacks is refused by its constructor.
+  with pytest.raises(TypeError, match="tokens_mlp_dim"):
+    models.from_preset("resmlp_12", 10, tokens_mlp_dim=4)
 
 
 @pytest.mark.parametrize("variant", ["resmlp_12", "gmlp_s16"])

@@ -1,10 +1,12 @@
 """What the three families share: the patch stem, GELU, the MLP, the residual with
-stochastic depth, and the pooled head.
+stochastic depth, the pooled head, and `inherit`.
 
-A block reads its hyperparameters from the model by name (`inherit`): a field that a
-submodule declares and the model (or any module between) holds takes that value, so a
-new hyperparameter of, e.g., the token-mixing MLP is one field on the MLP and the same
-field on the model, with nothing passed along by hand in between.
+A module passes its hyperparameters down by name (`inherit`): a submodule's field that
+its parent also has takes the parent's value. The model hands its fields to its blocks
+so, and a block to its MLPs; a new hyperparameter of, e.g., the token-mixing MLP is the
+same field declared on the MLP, its block and the model, with nothing passed by hand.
+(One level at a time: under nn.scan and nn.remat a block's parent is a lifted scope,
+not the model, so each level declares what it hands on.)
 """
 
 import dataclasses
@@ -17,26 +19,17 @@ import jax.numpy as jnp
 _NOT_INHERITED = ("parent", "name")
 
 
-def inherit(module: nn.Module, child, **given):
-  """`child(**given)` with every other field of `child` that `module` or one of its
-  parents holds set to the nearest one's value."""
-  return child(**inherited(module, child, given), **given)
+def inherited(parent, child, given=()) -> dict:
+  """The fields of `child` (a module class), other than `given`, that `parent` (a module
+  or module class instance) also has, with its values."""
+  own = {f.name for f in dataclasses.fields(parent)}
+  return {f.name: getattr(parent, f.name) for f in dataclasses.fields(child)
+          if f.name in own and f.name not in given and f.name not in _NOT_INHERITED}
 
 
-def inherited(module: nn.Module, child, given=()) -> dict:
-  """The fields of `child` (a module class) not in `given` that `module` or one of its
-  parents holds, with the nearest one's values."""
-  fields = {}
-  for field in dataclasses.fields(child):
-    if field.name in given or field.name in _NOT_INHERITED:
-      continue
-    owner = module
-    while isinstance(owner, nn.Module):
-      if field.name in {f.name for f in dataclasses.fields(owner)}:
-        fields[field.name] = getattr(owner, field.name)
-        break
-      owner = owner.parent
-  return fields
+def inherit(parent: nn.Module, child, **given):
+  """`child(**given)`, its other fields that `parent` has set to the parent's values."""
+  return child(**inherited(parent, child, given), **given)
 
 
 def gelu(x):

@@ -20,8 +20,8 @@ Beyond the paper: stochastic depth and dropout for training, a compute dtype
 (`remat_policy`), and `scan`: the N blocks run as one block under `nn.scan` (one
 traced block instead of N: faster compiles), with every block parameter stacked on a
 leading block axis under `MixerBlock` (`blocks.py` converts between that and the
-released layout). A block and its MLPs take their fields from the model by name
-(`layers.inherit`).
+released layout). The model hands its fields to the blocks, and a block to its MLPs,
+by name (`layers.inherit`).
 """
 
 from typing import Any, Optional
@@ -41,6 +41,7 @@ class MixerBlock(nn.Module):
   """
   tokens_mlp_dim: int
   channels_mlp_dim: int
+  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   # Positional `train`: nn.remat marks it static (argument 2, counting self).

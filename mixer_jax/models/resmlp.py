@@ -70,7 +70,9 @@ class ResMlpBlock(nn.Module):
   none)."""
   channels_mlp_dim: int
   layerscale_init: float
+  dropout: float = 0.0
   dtype: Any = jnp.float32
+  approximate_gelu: bool = False
 
   # Positional `train`: nn.remat marks it static (argument 2, counting self).
   @nn.compact
