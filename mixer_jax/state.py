@@ -251,22 +251,33 @@ def model_fields(config, *, train: bool = True) -> Dict[str, Any]:
   return fields
 
 
-def build_model(config, num_classes: int, overrides: Optional[Dict[str, Any]] = None, *,
+def plain_model(config, num_classes: int, overrides: Optional[Dict[str, Any]] = None, *,
                 train: bool = True):
-  """The plain model of a resolved `config` (`overrides`: fields that differ, e.g. the
+  """The plain model of `config` (`overrides`: fields that differ, e.g. the
   higher-resolution tokens_mlp_dim)."""
   fields = {**model_fields(config, train=train), **(overrides or {})}
   return models.create_model(config.model.family, num_classes, **fields)
+
+
+def build_model(config, num_classes: int, overrides: Optional[Dict[str, Any]] = None, *,
+                train: bool = True):
+  """The model of `config` as the steps compute it: config.model.kernels' forms
+  (kernels/) around the plain model; without a mesh's batch constraint (Setup's)."""
+  return kernels.Intercepted(plain_model(config, num_classes, overrides, train=train),
+                             kernels.interceptors(config.model.kernels))
 
 
 def checkpoint_fields(info: Dict[str, Any]) -> Dict[str, int]:
   return {k: int(v) for k, v in info["model"].items()}
 
 
-def inference_model(info: Dict[str, Any], num_classes: int, dtype: str = "float32"):
-  """A checkpoint's evaluation model where no config exists (predict, export checks)."""
-  return models.create_model(_weights_family(info).name, num_classes,
-                             **checkpoint_fields(info), dtype=dtype)
+def inference_model(info: Dict[str, Any], num_classes: int, dtype: str = "float32",
+                    kernels_name: str = "auto"):
+  """A checkpoint's evaluation model where no config exists (predict, export checks),
+  computed with `kernels_name`'s forms."""
+  model = models.create_model(_weights_family(info).name, num_classes,
+                              **checkpoint_fields(info), dtype=dtype)
+  return kernels.Intercepted(model, kernels.interceptors(kernels_name))
 
 
 # ----------------------------------------------------------------- the state
@@ -283,9 +294,9 @@ class Setup:
     self.config, self.num_classes = config, num_classes
     self.fields = dict(fields or {})  # Fields that differ from config.model's.
     self.mesh = sharding.make_mesh(config.mesh_model) if mesh is None else mesh
-    self._plain_model = build_model(config, num_classes, self.fields)
+    self._plain_model = plain_model(config, num_classes, self.fields)
     self.model = self._intercepted(self._plain_model)
-    self.eval_model = self._intercepted(build_model(config, num_classes, self.fields,
+    self.eval_model = self._intercepted(plain_model(config, num_classes, self.fields,
                                                     train=False))
     self.schedule, self.tx = optim.from_config(config, total_steps)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -324,7 +335,7 @@ class Setup:
 
   def feature_model(self):
     """The evaluation model without its head: pooled pre-logits (few-shot probes)."""
-    return self._intercepted(build_model(self.config, 0, self.fields, train=False))
+    return self._intercepted(plain_model(self.config, 0, self.fields, train=False))
 
   def place_params(self, params):
     """Host numpy parameters (the same on every process), in either block layout (the

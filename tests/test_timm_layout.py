@@ -16,7 +16,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mixer_jax import checkpoint, errors, export, models, state, timm_layout
-from mixer_jax import kernels as kernel_sets
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 FAMILIES = ("mixer", "resmlp", "gmlp")
@@ -42,8 +41,7 @@ def test_logits_match_timm_golden_files(family, kernels):
   assert info["model"] == EXPECTED_FIELDS[family] and info["num_classes"] == 5
   assert info["image_size"] == meta["img_size"] == 16
   assert checkpoint.family_of(params).name == family
-  model = kernel_sets.Intercepted(state.inference_model(info, 5),
-                                  kernel_sets.interceptors(kernels))
+  model = state.inference_model(info, 5, kernels_name=kernels)
   logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images))
   assert logits.dtype == np.float32 and np.abs(golden).max() > 0.5
   # <= 1e-5 relative to the largest logit, and elementwise.
