@@ -473,8 +473,9 @@ def load_params(path: str):
   info = dict(model=model_info["model"], num_classes=model_info["num_classes"],
               class_names=model_info.get("class_names"),
               image_size=model_info.get("image_size"))
-  if model_info.get("variant"):  # The family's name; released files do not record one.
-    info["variant"] = model_info["variant"]
+  for key in ("family", "variant"):  # The family and the run's name, where recorded.
+    if model_info.get(key):
+      info[key] = model_info[key]
   return params, info
 
 

@@ -116,9 +116,10 @@ def _weights_family(info: Dict[str, Any]) -> "models.Family":
   """The family of a weight file or workdir (`checkpoint.load_params`'s info)."""
   if info.get("family"):
     return models.family_named(info["family"])
-  if info.get("variant"):  # Workdirs written before model.json named the family.
-    return models.preset(info["variant"])[0]
-  return models.family_named("mixer")  # Released Mixer files name nothing.
+  try:  # Workdirs written before model.json named the family: their variant does.
+    return models.preset(info.get("variant") or "")[0]
+  except ValueError:
+    return models.family_named("mixer")
 
 
 def resolve_model(config, weights_info: Optional[Dict[str, Any]] = None,
@@ -292,7 +293,8 @@ class Setup:
   def __init__(self, config, num_classes: int, total_steps: int = 1, *,
                fields: Optional[Dict[str, Any]] = None, mesh=None):
     self.config, self.num_classes = config, num_classes
-    self.fields = dict(fields or {})  # Fields that differ from config.model's.
+    # The size fields: config.model's, or `fields` where given (e.g. a checkpoint's).
+    self.fields = {**size_fields(config), **(fields or {})}
     self.mesh = sharding.make_mesh(config.mesh_model) if mesh is None else mesh
     self._plain_model = plain_model(config, num_classes, self.fields)
     self.model = self._intercepted(self._plain_model)

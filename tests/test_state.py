@@ -205,3 +205,29 @@ def test_resmlp_and_gmlp_build_through_the_same_setup():
       "patch_size, num_blocks, hidden_dim, channels_mlp_dim, layerscale_init, "
       "approximate_gelu, stoch_depth, dropout, remat_policy, scan); leave it unset.")):
     state_lib.resolve_model(_config(**{"model.variant": "resmlp_12"}))
+
+
+def test_finetuning_from_a_released_b16_file_is_named_b16():
+  """configs/finetune.py (variant "") from a B/16-size file: the sizes, and the name B/16
+  (as checkpoint.load_params describes a released file)."""
+  from configs import finetune
+  sizes = {k: v for k, v in models.preset("B/16")[1].items()}
+  info = {"model": sizes, "num_classes": 21843, "image_size": 224, "family": "mixer",
+          "variant": models.model_name("mixer", sizes)}
+  assert info["variant"] == "B/16"
+  config = finetune.get_config()
+  config.image_size = 0
+  state_lib.resolve_model(config, info, "Mixer-B_16.npz")
+  assert (config.model.name, config.model.family, config.image_size) == ("B/16", "mixer", 224)
+  assert state_lib.size_fields(config) == sizes
+  # The preset named instead: the same; another size is refused in one sentence.
+  config = finetune.get_config()
+  config.model.variant = "B/16"
+  state_lib.resolve_model(config, info, "Mixer-B_16.npz")
+  assert config.model.name == "B/16"
+  config = finetune.get_config()
+  config.model.variant = "S/16"
+  with pytest.raises(errors.CheckpointError, match=re.escape(
+      "config.model gives hidden_dim=512 (variant S/16) but init_from Mixer-B_16.npz was "
+      "trained with hidden_dim=768 (variant B/16)")):
+    state_lib.resolve_model(config, info, "Mixer-B_16.npz")
