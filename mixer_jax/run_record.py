@@ -35,6 +35,8 @@ EXTEND_OR_OBSERVE = frozenset((
 EXECUTION = frozenset((
     "mesh_model", "sharding", "fsdp_min_size", "model.kernels", "model.scan",
     "model.remat_policy", "data_dir", "manual_dir", "cache_train"))
+# Filled by state.resolve_model from the keys that are compared (variant and sizes).
+DERIVED = frozenset(("model.name", "model.family"))
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-cpu",
             "tensorflow", "tensorflow-datasets", "ml_collections", "clu")
 
@@ -152,7 +154,7 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str],
   for key in list(found):
     old, new = found[key]
     gained = key not in record["config"] and key in defaults and new == defaults[key]
-    if gained or key not in current:
+    if gained or key not in current or key in DERIVED:
       del found[key]
   unknown = [k for k in accept if k != "all" and k not in found]
   if unknown:
