@@ -8,6 +8,7 @@ recipe sets, is listed per config in docs/recipes.md.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,14 +34,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_crop_fraction = 0.875  # 224/256.
   c.log_image_grid = True       # TensorBoard grid of augmented training images at start.
 
-  # Model (models.create_model). 0 = the variant's own value.
+  # Model: the module's fields by name (models.create_model). Unset (None) fields take
+  # the preset's value; state.resolve_model fills them, the family and the name.
   c.model = ml_collections.ConfigDict()
-  c.model.variant = "B/16"
-  c.model.patch_size = 0
-  c.model.num_blocks = 0
-  c.model.hidden_dim = 0
-  c.model.tokens_mlp_dim = 0
-  c.model.channels_mlp_dim = 0
+  c.model.variant = "B/16"      # A preset ("B/16", "resmlp_24", "gmlp_s16"); "" = init_from's.
+  c.model.family = placeholder(str)  # "mixer" | "resmlp" | "gmlp"; the preset's if unset.
+  c.model.name = placeholder(str)    # Derived (models.model_name), for the record.
+  c.model.patch_size = placeholder(int)
+  c.model.num_blocks = placeholder(int)
+  c.model.hidden_dim = placeholder(int)
+  c.model.tokens_mlp_dim = placeholder(int)    # Mixer only.
+  c.model.channels_mlp_dim = placeholder(int)
+  c.model.layerscale_init = placeholder(float)  # ResMLP only.
+  c.model.approximate_gelu = placeholder(bool)  # ResMLP and gMLP: tanh GELU.
   c.model.stoch_depth = 0.0
   c.model.dropout = 0.0
   c.model.remat_policy = "none"  # Recompute blocks in backprop: "full", "dots_saveable", ...

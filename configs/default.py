@@ -45,7 +45,7 @@ def get_config(family: str = "mixer"):
   c.eval_every_steps = c.checkpoint_every_steps = 200
   if family != "mixer":  # Width, depth and patch as above; no token-MLP width.
     c.model.patch_size = 2
-    c.model.tokens_mlp_dim = 0
+    c.model.tokens_mlp_dim = None
   if family == "resmlp":
     c.model.variant = "resmlp_12"
     c.learning_rate = 1e-2

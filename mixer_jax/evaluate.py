@@ -223,8 +223,8 @@ def evaluate(config, checkpoint_path: str, *, split: Optional[str] = None,
 
   config = config.copy_and_resolve_references()
   config.image_size = size  # Preprocessing and the model's input shape read it.
-  setup = state_lib.Setup(config, num_classes, fields=state_lib.checkpoint_fields(info),
-                          variant=state_lib.checkpoint_variant(info), mesh=mesh)
+  state_lib.resolve_from_weights(config, info, checkpoint_path)
+  setup = state_lib.Setup(config, num_classes, mesh=mesh)
   logging.info("Evaluating %s (%s, %s params) on %s %s (%d examples) at %d px, %d devices.",
                checkpoint_path, info["model"], f"{setup.num_params:,}", data.name, split,
                data.num_examples[split], size, jax.device_count())

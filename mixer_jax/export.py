@@ -78,8 +78,8 @@ TIMM_MODELS = {
 def timm_model_name(model_fields: Mapping[str, int], family: str = "mixer") -> Optional[str]:
   """timm architecture name for the size fields of `create_model`, or None."""
   if family != "mixer":
-    name = models.variant_for(family, model_fields)
-    return f"{name}_224" if models.variant_sizes(name) == dict(model_fields) else None
+    name = models.model_name(family, model_fields)
+    return f"{name}_224" if name in models.family_named(family).names else None
   key = tuple(int(model_fields[f]) for f in ("patch_size", "hidden_dim", "num_blocks",
                                               "tokens_mlp_dim", "channels_mlp_dim"))
   return TIMM_MODELS.get(key)

@@ -46,6 +46,8 @@ EXTEND_OR_OBSERVE = frozenset((
 EXECUTION = frozenset((
     "mesh_model", "sharding", "fsdp_min_size", "model.kernels", "model.scan",
     "model.remat_policy", "data_dir", "manual_dir", "cache_train"))
+# Filled by state.resolve_model from the keys that are compared (variant and sizes).
+DERIVED = frozenset(("model.name", "model.family"))
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-cpu",
             "tensorflow", "tensorflow-datasets", "ml_collections", "clu")
 
@@ -193,7 +195,7 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str], workdir:
   for key in list(found):
     old, new = found[key]
     gained = key not in record["config"] and key in defaults and new == defaults[key]
-    if gained or key not in current:
+    if gained or key not in current or key in DERIVED:
       del found[key]
   # With a fixed step count the epoch count is read by nothing (train.total_train_steps).
   if "num_epochs" in found and found.get("num_train_steps") is None and (

@@ -8,7 +8,7 @@ dimension, when `mesh_model` > 1).
 """
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,21 @@ def batch_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
   block keeps the step data-parallel, gathering the weights as unrolled fsdp does.
   """
   return functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sharding(mesh))
+
+
+def batch_interceptor(mesh: Mesh, block_classes: Tuple[type, ...]):
+  """A flax method interceptor applying `batch_constraint` to the tokens entering each
+  block (a call of one of `block_classes`): the trainer's rule, installed around
+  `apply` by state.py, so the models carry nothing for it."""
+  constrain = batch_constraint(mesh)
+
+  def intercept(next_fun, args, kwargs, context):
+    if (context.method_name == "__call__" and args
+        and isinstance(context.module, block_classes)):
+      args = (constrain(args[0]),) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+
+  return intercept
 
 
 def _model_axis(path: str, shape) -> Optional[int]:

@@ -55,43 +55,6 @@ def _check_metrics(history, nonfinite: str):
   return rows
 
 
-def take_architecture(config, info, source: str) -> None:
-  """`config.model.variant=""` (and `image_size=0`) take the model of `init_from`.
-
-  Fine-tuning from a released file or from one of our workdirs needs no re-typed
-  variant, widths or image size; a size field the config does set is kept, and must
-  then agree with the checkpoint (checked here, naming both values).
-  """
-  recorded = state_lib.checkpoint_fields(info)
-  if not config.model.variant:
-    config.model.variant = state_lib.checkpoint_variant(info)
-    for key, value in recorded.items():
-      setattr(config.model, key, getattr(config.model, key) or value)
-  if not config.image_size:
-    if not info.get("image_size"):
-      raise errors.ConfigError(
-          f"config.image_size=0 takes init_from's image size, but {source} does not record "
-          "one; set --config.image_size.")
-    config.image_size = int(info["image_size"])
-  have = state_lib.family_name(state_lib.checkpoint_variant(info))
-  want = state_lib.family_name(config.model.variant) if config.model.variant else have
-  if have != want:
-    raise errors.CheckpointError(
-        f"config.model.variant={config.model.variant} is a {want} model but init_from "
-        f"{source} is a {have} ({state_lib.checkpoint_variant(info)}); set "
-        "--config.model.variant='' to take its architecture, or init from a checkpoint "
-        "of this family.")
-  asked = state_lib.model_fields(config)
-  hires = config.image_size != info.get("image_size")
-  for key, value in recorded.items():
-    if asked[key] != value and not (key == "tokens_mlp_dim" and hires):
-      raise errors.CheckpointError(
-          f"config.model gives {key}={asked[key]} (variant {config.model.variant}) but "
-          f"init_from {source} was trained with {key}={value} (variant "
-          f"{state_lib.checkpoint_variant(info)}); set --config.model.variant='' to take its "
-          "architecture, or init from a checkpoint of this variant.")
-
-
 def train_and_evaluate(config, workdir: str, accept_changes=(),
                        outcome=None) -> Dict[str, float]:
   """Trains, evaluates every `eval_every_steps` and at the end; returns the last eval.
@@ -106,7 +69,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
   pretrained = pretrained_info = None
   if config.init_from:
     pretrained, pretrained_info = weights.load_params(config.init_from)
-    take_architecture(config, pretrained_info, config.init_from)
+  state_lib.resolve_model(config, pretrained_info, config.init_from)
   state_lib.validate_config(config)
   if not config.image_size:
     raise errors.ConfigError("config.image_size=0 means init_from's image size, but no "
@@ -129,18 +92,18 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
     total_steps = total_train_steps(config, info.num_examples[config.train_split])
 
     # --- Model, optimiser, shardings (state.py) ---------------------------------
-    fields = state_lib.model_fields(config)
+    fields = state_lib.size_fields(config)
     # Higher-resolution fine-tuning: K^2 token-mixing copies (resolution.py). A
     # tokens_mlp_dim naming the checkpoint's own D_S (custom models spell out every
     # size) still means "the pre-trained model": only K^2 * D_S can load it.
     if (pretrained is not None and pretrained_info.get("image_size")
-        and config.model.tokens_mlp_dim in (0, pretrained_info["model"].get("tokens_mlp_dim"))
+        and config.model.tokens_mlp_dim == pretrained_info["model"].get("tokens_mlp_dim")
         and pretrained_info["image_size"] != config.image_size):
       fields.update(resolution.hires_model_overrides(pretrained, config.image_size))
     setup = state_lib.Setup(config, num_classes, total_steps, fields=fields, mesh=mesh)
     record = dict(model=fields, num_classes=num_classes, image_size=config.image_size,
                   class_names=info.class_names, dataset=info.name,
-                  variant=config.model.variant)
+                  family=config.model.family, variant=config.model.name)
     run.check_model(record)
 
     # --- Train state: restored, or fresh (with init_from merged in) ---------------
@@ -185,7 +148,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
     progress = metrics_lib.Progress(total_steps, config.log_every_steps)
     preemption = run.preemption
     logging.info("Training %s (%s params) for %d steps from step %d on %d devices, %d processes.",
-                 config.model.variant, f"{setup.num_params:,}", total_steps, start_step,
+                 config.model.name, f"{setup.num_params:,}", total_steps, start_step,
                  jax.device_count(), pc)
     history, eval_metrics = [], {}
     step = start_step

@@ -247,7 +247,7 @@ def family_of(params: Mapping[str, Any]) -> "models.Family":
   name what a Mixer lacks)."""
   flat = flatten(params) if isinstance(params, Mapping) else params
   for fam in models.families():
-    block = re.compile(rf"{re.escape(fam.block)}_\d+/")
+    block = re.compile(rf"{re.escape(fam.block_name)}_\d+/")
     if any(block.match(k) for k in flat):
       return fam
   return models.family_named("mixer")
@@ -274,7 +274,7 @@ def describe(params: Mapping[str, Any], source: str = "The parameter tree") -> D
           f"{source} parameter {key} has shape {tuple(np.shape(flat[key]))}, not the "
           f"{rank}-D shape of a {title}'s; {_PASS}.")
   sizes = {name: int(np.shape(flat[key])[axis]) for name, (key, axis) in fam.shape_keys.items()}
-  block = re.compile(rf"{re.escape(fam.block)}_(\d+)/")
+  block = re.compile(rf"{re.escape(fam.block_name)}_(\d+)/")
   blocks = [int(m.group(1)) for m in map(block.match, flat) if m]
   desc = dict(patch_size=sizes["patch_size"], hidden_dim=sizes["hidden_dim"],
               num_blocks=max(blocks) + 1)
@@ -297,9 +297,8 @@ def expected_shapes(desc: Mapping[str, int], source: str = "The checkpoint",
   given); the input is one row of num_tokens patches, so any token count works."""
   fields = size_fields(desc)
   try:
-    model = models.create_model(models.variant_for(family, fields), desc["num_classes"],
-                                **fields, kernels="xla")  # Plain ops: no backend is started.
-  except ValueError as e:
+    model = models.create_model(family, desc["num_classes"], **fields)
+  except (ValueError, TypeError) as e:
     raise errors.CheckpointError(
         f"{source} describes no valid {_TITLES[family]} ({e}); {_PASS}.") from None
   p = desc["patch_size"]
@@ -391,7 +390,7 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
   init_flat, pre_flat = flatten(released(init_params)), flatten(released(pretrained))
   _check_same_variant(init_flat, pre_flat, source)
   pre_flat = resolution.expand_if_needed(init_flat, pre_flat, source=source)
-  merged = {}
+  merged, reinit = {}, []
   for key, init_value in init_flat.items():
     is_head = key.startswith("head/")
     if key not in pre_flat:
@@ -405,9 +404,7 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
     value = pre_flat[key]
     if tuple(value.shape) != tuple(init_value.shape):
       if is_head:
-        if not quiet:
-          logging.info("Re-initialising %s: checkpoint shape %s, model shape %s.", key,
-                       tuple(value.shape), tuple(init_value.shape))
+        reinit.append(f"{key} {tuple(value.shape)} -> {tuple(init_value.shape)}")
         merged[key] = init_value
         continue
       raise errors.CheckpointError(
@@ -420,6 +417,9 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
     raise errors.CheckpointError(f"{source} has parameter {unexpected[0]} (shape "
                           f"{tuple(pre_flat[unexpected[0]].shape)}) that the model lacks "
                           f"({len(unexpected)} unexpected in all); check the variant.")
+  if reinit and not quiet:
+    logging.info("Re-initialising the head (checkpoint shape -> model shape): %s.",
+                 ", ".join(reinit))
   merged = unflatten(merged)
   return models.to_scanned(merged) if target == models.SCANNED else merged
 
@@ -454,8 +454,8 @@ def load_params(path: str):
   Returns (params as nested numpy dict in the released, unrolled layout, also for a
   scanned model's workdir, info) with info keys `model` (create_model
   size fields), `num_classes`, `class_names` (list or None), `image_size` (or None),
-  and `variant` where known (a workdir's; for a file of a ResMLP or gMLP, the
-  family's variant of those sizes: `models.variant_for`).
+  `family` and `variant` (the model's name, `models.model_name`; a workdir's as
+  recorded).
   """
   if hub.is_hub_name(path):  # hf-hub:ORG/REPO[@REVISION]: its model.safetensors, cached.
     try:
@@ -469,9 +469,8 @@ def load_params(path: str):
     info = dict(model=size_fields(desc),
                 num_classes=desc["num_classes"], class_names=None,
                 image_size=side * desc["patch_size"] if side * side == desc["num_tokens"] else None)
-    family = family_of(params).name
-    if family != "mixer":  # A Mixer file's variant stays unnamed, as released files are.
-      info["variant"] = models.variant_for(family, info["model"])
+    info["family"] = family = family_of(params).name
+    info["variant"] = models.model_name(family, info["model"])
     return params, info
   if not os.path.isdir(path):
     raise errors.CheckpointError(f"Checkpoint {path} does not exist; pass a .npz or .safetensors "
@@ -492,6 +491,7 @@ def load_params(path: str):
   info = dict(model=model_info["model"], num_classes=model_info["num_classes"],
               class_names=model_info.get("class_names"),
               image_size=model_info.get("image_size"))
-  if model_info.get("variant"):  # The family's name; released files do not record one.
-    info["variant"] = model_info["variant"]
+  for key in ("family", "variant"):  # The family and the run's name, where recorded.
+    if model_info.get(key):
+      info[key] = model_info[key]
   return params, info

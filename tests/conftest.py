@@ -91,6 +91,14 @@ def tiny_config(data_dir, /, **overrides):
   return set_overrides(c, overrides)
 
 
+def model_of(variant, num_classes, kernels="auto", **fields):
+  """The preset's model (fields given replacing the preset's) computed with the
+  `kernels` forms, as state.Setup builds it (kernels/__init__.py)."""
+  from mixer_jax import kernels as kernel_sets, models
+  return kernel_sets.Intercepted(models.from_preset(variant, num_classes, **fields),
+                                 kernel_sets.interceptors(kernels))
+
+
 def set_overrides(config, overrides):
   """Sets dotted keys ("model.hidden_dim") like --config.KEY=VALUE does; returns config."""
   for key, value in overrides.items():

@@ -135,7 +135,7 @@ def test_init_from_a_released_npz_into_a_scanned_model(tmp_path, setups, scanned
   model re-initialises the head, logged once, to the initialiser's values."""
   setup = setups[True]
   path = str(tmp_path / "m.npz")
-  weights.save_npz(random_params(models.create_model("S/2", 5, **setup.fields), 8,
+  weights.save_npz(random_params(models.from_preset("S/2", 5, **setup.fields), 8,
                                  seed=9), path)
   pretrained, _ = weights.load_params(path)
   fresh = models.to_scanned(scanned_state[1]["params"])
@@ -144,7 +144,7 @@ def test_init_from_a_released_npz_into_a_scanned_model(tmp_path, setups, scanned
   pre = weights.flatten(pretrained)
   with caplog.at_level(logging.INFO):
     state = weights.init_state(setup, pretrained, path)
-  assert sum("Re-initialising head/kernel" in r.getMessage() for r in caplog.records) == 1
+  assert sum("Re-initialising the head" in r.getMessage() for r in caplog.records) == 1
   initial = weights.flatten(models.to_unrolled(jax.device_get(setup.init_state()["params"])))
   for got, want_head in ((setup.state_with_params(merged), weights.flatten(
       models.to_unrolled(fresh))), (state, initial)):

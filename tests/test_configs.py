@@ -168,7 +168,7 @@ def test_resmlp_and_gmlp_recipes_and_digits_demos():
   # The digits demos of the two families (README): patch 2, 4 blocks of width 64.
   for family, variant in (("resmlp", "resmlp_12"), ("gmlp", "gmlp_s16")):
     c = default.get_config(family)
-    assert c.model.variant == variant and state_lib.model_fields(c) == dict(
+    assert c.model.variant == variant and state_lib.size_fields(c) == dict(
         patch_size=2, num_blocks=4, hidden_dim=64, channels_mlp_dim=256)
   assert default.get_config().model.variant == "S/2"
 

@@ -52,7 +52,7 @@ def tiny_npz(path, **model_overrides):
   fields = dict(patch_size=2, num_blocks=2, hidden_dim=16, tokens_mlp_dim=16,
                 channels_mlp_dim=32)
   fields.update(model_overrides)
-  model = models.create_model("S/2", 10, **fields)
+  model = models.from_preset("S/2", 10, **fields)
   weights.save_npz(models.init_params(model, 8), str(path))
   return str(path)
 

@@ -34,7 +34,7 @@ SYNSETS = ("n01440764", "n01443537", "n01751748")
 # ------------------------------------------------------------------- helpers
 def write_checkpoint(path, num_classes, bias=None, seed=0):
   """Tiny random Mixer in the released layout; zero head kernel, given head bias."""
-  model = models.create_model("S/4", num_classes, **TINY)
+  model = models.from_preset("S/4", num_classes, **TINY)
   shapes = weights.flatten(models.param_shapes(model, SIZE))
   rng = np.random.default_rng(seed)
   flat = {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}

@@ -21,7 +21,7 @@ IMAGE = 8  # 2x2 = 4 tokens.
 
 
 def _random_params(num_classes=NUM_CLASSES, seed=0):
-  model = models.create_model("S/4", num_classes, **TINY)
+  model = models.from_preset("S/4", num_classes, **TINY)
   shapes = weights.flatten(models.param_shapes(model, IMAGE))
   rng = np.random.default_rng(seed)
   flat = {}
@@ -74,7 +74,7 @@ def test_timm_names():
   for variant, name in [("S/32", "mixer_s32_224"), ("S/16", "mixer_s16_224"),
                         ("B/32", "mixer_b32_224"), ("B/16", "mixer_b16_224"),
                         ("L/32", "mixer_l32_224"), ("L/16", "mixer_l16_224"), ("H/14", None)]:
-    fields = vars(models.parse_variant(variant))
+    fields = models.parse_variant(variant)
     assert export.timm_model_name(fields) == name, variant
 
 

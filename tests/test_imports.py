@@ -15,10 +15,10 @@ PACKAGE = os.path.join(REPO, "mixer_jax")
 
 # Top-level modules and subpackages of mixer_jax, by floor.
 FLOORS = {
-    0: ("errors", "kernels", "host_memory", "paths", "hub"),
+    0: ("errors", "host_memory", "paths", "hub"),
     1: ("models", "optim", "sharding", "metrics", "distributed", "fewshot", "augment",
         "resolution", "datasets", "timm_layout", "run_record", "workdir_lock", "randaugment"),
-    2: ("steps", "checkpoint", "input_pipeline"),
+    2: ("steps", "checkpoint", "input_pipeline", "kernels"),
     3: ("state", "weights", "workdir"),
     4: ("evaluator",),
     5: ("train",),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mixer_jax import models
+from mixer_jax import kernels, models
 from mixer_jax.kernels import cpu
 from mixer_jax.models import mixer
 
@@ -80,12 +80,17 @@ def _lhs_contracting_dims(block, x):
   return re.findall(r" dot\(.*?lhs_contracting_dims=\{([\d,]*)\}", hlo)
 
 
+def _cpu(module):
+  """`module` computed with the cpu forms: kernels/cpu.py's interceptor around apply."""
+  return kernels.Intercepted(module, (cpu.intercept,))
+
+
 def test_every_matmul_of_a_block_gradient_contracts_the_left_operand_over_its_last_axis():
   # The reason for cpu.dot_general: XLA's CPU backend runs a matmul in its fast library
   # only in that form; autodiff's kernel gradients contract over the first axis, as the
   # plain block shows (so the check can fail).
   x = jnp.ones((2, 7, 16))
-  fast = _lhs_contracting_dims(mixer.MixerBlock(32, 64, dot_general=cpu.dot_general), x)
+  fast = _lhs_contracting_dims(_cpu(mixer.MixerBlock(32, 64)), x)
   plain = _lhs_contracting_dims(mixer.MixerBlock(32, 64), x)
   assert len(fast) == 12 and set(fast) == {"1"}, fast
   assert "0" in plain, plain
@@ -118,7 +123,7 @@ def test_other_convolutions_go_to_lax(kw):
 def test_flax_conv_through_the_seam_equals_flax_conv(dtype):
   images = jax.random.uniform(jax.random.key(1), (2, 32, 48, 3), minval=-1, maxval=1)
   kw = dict(features=8, kernel_size=(16, 16), strides=(16, 16), padding="VALID", dtype=dtype)
-  fast, plain = nn.Conv(**kw, conv_general_dilated=cpu.conv_general_dilated), nn.Conv(**kw)
+  fast, plain = _cpu(nn.Conv(**kw)), nn.Conv(**kw)
   params = plain.init(jax.random.key(2), images)
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(  # Same tree, same initial values.
       lambda a, b: bool(jnp.all(a == b)), fast.init(jax.random.key(2), images), params))
@@ -132,7 +137,8 @@ def test_flax_conv_through_the_seam_equals_flax_conv(dtype):
 def test_cpu_kernels_model_equals_the_plain_model(dtype):
   fields = dict(patch_size=4, num_blocks=2, hidden_dim=8, tokens_mlp_dim=6,
                 channels_mlp_dim=12, dtype=dtype)
-  fast, plain = (models.create_model("S/4", 5, kernels=k, **fields) for k in ("cpu", "xla"))
+  plain = models.from_preset("S/4", 5, **fields)
+  fast = kernels.Intercepted(plain, kernels.interceptors("cpu"))  # As state.Setup does.
   params = jax.tree_util.tree_map(
       lambda s: 0.3 * jax.random.normal(jax.random.key(s.size), s.shape),
       models.param_shapes(plain, 16))

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer_jax import models
+from mixer_jax import kernels, models
 from mixer_jax.kernels import pallas
-from mixer_jax.models import mixer
+from mixer_jax.models import layers
 
 # Blocks of 16 (Triton's smallest dot), LayerNorm blocks of 2 rows over 4 programs.
 TILES = pallas.Tiles(block_m=16, block_n=16, block_k=16, ln_elements=64, ln_programs=4,
@@ -58,8 +58,8 @@ def _same(fast, plain, args, dtype):
 def test_gelu_and_its_derivative_are_the_models():
   h = jnp.linspace(-6.0, 6.0, 101)
   ours, ours_grad, theirs, their_grad = jax.jit(lambda h: (
-      pallas._gelu_f32(h), pallas._gelu_grad_f32(h), mixer.gelu(h),
-      jax.vmap(jax.grad(mixer.gelu))(h)))(h)
+      pallas._gelu_f32(h), pallas._gelu_grad_f32(h), layers.gelu(h),
+      jax.vmap(jax.grad(layers.gelu))(h)))(h)
   assert pallas.gelu(h).dtype == theirs.dtype
   np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ours_grad, their_grad, rtol=1e-5, atol=1e-5)
@@ -121,8 +121,8 @@ def test_model_with_the_kernels_equals_the_plain_model():
   dtype = "bfloat16"
   fields = dict(patch_size=4, num_blocks=1, hidden_dim=8, tokens_mlp_dim=6,
                 channels_mlp_dim=12, dtype=dtype)
-  plain = models.create_model("S/4", 5, kernels="xla", **fields)
-  fast = plain.clone(**pallas.ops(TILES))  # kernels="pallas", in interpret mode.
+  plain = models.from_preset("S/4", 5, **fields)
+  fast = kernels.Intercepted(plain, (pallas.interceptor(TILES),))  # Interpret mode.
   shapes = models.param_shapes(plain, 16)
   assert models.param_shapes(fast, 16) == shapes  # The released tree.
   rng = np.random.default_rng(0)
@@ -145,17 +145,19 @@ def test_fused_block_parameters_initialise_as_flax_dense():
     np.testing.assert_array_equal(a, b)
 
 
-def test_kernels_pallas_selects_the_modules_and_keeps_the_released_tree():
-  model = models.create_model("B/16", 1000, kernels="pallas")
-  assert (model.layer_norm, model.mlp_block, model.activation) == (
-      pallas.LayerNorm, pallas.MlpBlock, pallas.gelu)
+def test_kernels_pallas_is_chosen_by_name_only_and_keeps_the_released_tree():
+  (intercept,) = kernels.interceptors("pallas")
+  assert kernels.interceptors("auto") != (intercept,)
+  plain = models.from_preset("B/16", 1000)
+  model = kernels.Intercepted(plain, (intercept,))
   shapes = lambda m: jax.tree_util.tree_map(lambda s: s.shape, models.param_shapes(m, 224))
-  assert shapes(model) == shapes(models.create_model("B/16", 1000, kernels="xla"))
+  assert shapes(model) == shapes(plain)
 
 
 def test_mlp_block_with_dropout_in_training_is_the_plain_block():
   x, kw = _normal(0, (2, 5, 8), jnp.float32), dict(train=True, rngs={"dropout": jax.random.key(1)})
-  fast, plain = pallas.MlpBlock(12, dropout=0.5, tiles=TILES), mixer.MlpBlock(12, dropout=0.5)
+  plain = layers.MlpBlock(12, dropout=0.5)
+  fast = kernels.Intercepted(plain, (pallas.interceptor(TILES),))
   params = jax.eval_shape(lambda: plain.init(jax.random.key(0), x))
   fast_jaxpr, plain_jaxpr = (str(jax.make_jaxpr(lambda p: m.apply(p, x, **kw))(params))
                              for m in (fast, plain))
@@ -167,7 +169,8 @@ def test_without_a_gpu_the_modules_run_flax_layers_and_log_it_once(caplog):
   x = _normal(0, (2, 5, 8), jnp.float32)
   with caplog.at_level(logging.WARNING):
     for _ in range(2):
-      for fast in (pallas.LayerNorm(), pallas.MlpBlock(12)):
+      for fast in (kernels.Intercepted(nn.LayerNorm(), (pallas.interceptor(),)),
+                   kernels.Intercepted(layers.MlpBlock(12), (pallas.interceptor(),))):
         params = jax.eval_shape(lambda: fast.init(jax.random.key(0), x))
         assert "pallas_call" not in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
   lines = [r.getMessage() for r in caplog.records if "kernels='pallas'" in r.getMessage()]

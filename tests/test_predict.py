@@ -17,7 +17,7 @@ TINY = dict(patch_size=4, num_blocks=1, hidden_dim=16, tokens_mlp_dim=8, channel
 
 
 def _write_checkpoint(path, num_classes, seed=0):
-  model = models.create_model("S/4", num_classes, **TINY)
+  model = models.from_preset("S/4", num_classes, **TINY)
   shapes = weights.flatten(models.param_shapes(model, 8))
   rng = np.random.default_rng(seed)
   flat = {k: (1.0 if k.endswith("scale") else 0.0) + rng.normal(size=s.shape).astype(np.float32)

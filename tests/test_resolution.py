@@ -14,7 +14,7 @@ NUM_CLASSES = 5
 
 def _model(num_classes, **overrides):
   fields = dict(TINY, **overrides)
-  return models.create_model("S/4", num_classes, **fields)
+  return models.from_preset("S/4", num_classes, **fields)
 
 
 def _fresh_params(model, size):
@@ -146,7 +146,7 @@ def test_paper_sizes_message():
 def test_resmlp_and_gmlp_start_as_copies_of_the_crops(variant):
   """Their S x S token maps expand block-diagonally (resolution.py); no size changes."""
   fields = dict(patch_size=4, num_blocks=2, hidden_dim=8, channels_mlp_dim=12)
-  lo, hi = (models.create_model(variant, NUM_CLASSES, **fields) for _ in range(2))
+  lo, hi = (models.from_preset(variant, NUM_CLASSES, **fields) for _ in range(2))
   rng = np.random.default_rng(1)
   pre = jax.tree_util.tree_map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(np.float32),
                                models.param_shapes(lo, 8))

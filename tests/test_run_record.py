@@ -18,6 +18,7 @@ from configs import recorded
 from mixer_jax import errors
 from mixer_jax import metrics
 from mixer_jax import run_record
+from mixer_jax import state
 from mixer_jax import train
 from mixer_jax import workdir as workdir_lib
 from mixer_jax import workdir_lock
@@ -47,7 +48,7 @@ def test_resume_refuses_run_changing_keys_naming_old_and_new(tmp_path):
   with pytest.raises(errors.WorkdirError) as e:
     run_record.check_resume(record, c, [], str(tmp_path))
   message = str(e.value)
-  assert "batch_size: 4096 -> 64" in message and "model.hidden_dim: 0 -> 32" in message
+  assert "batch_size: 4096 -> 64" in message and "model.hidden_dim: None -> 32" in message
   assert "seed: 0 -> 3" in message
   assert "--accept_changes=batch_size,model.hidden_dim,seed" in message
   # Accepted deliberately, key by key or all at once.
@@ -230,20 +231,20 @@ CHECKPOINT_INFO = dict(model=dict(patch_size=2, num_blocks=2, hidden_dim=16,
 def test_init_from_takes_the_architecture_unless_the_config_sets_it(data_dir):
   config = tiny_config(data_dir)
   for key in CHECKPOINT_INFO["model"]:
-    config.model[key] = 0
+    config.model[key] = None
   config.model.variant, config.image_size = "", 0
-  train.take_architecture(config, CHECKPOINT_INFO, "/w")
-  assert config.model.variant == "S/2" and config.image_size == 8
+  state.resolve_model(config, CHECKPOINT_INFO, "/w")
+  assert config.model.name == "Mixer custom (patch 2, 2 x 16)" and config.image_size == 8
   assert {k: config.model[k] for k in CHECKPOINT_INFO["model"]} == CHECKPOINT_INFO["model"]
   # A variant that disagrees: one sentence naming both values.
   config = tiny_config(data_dir)
-  config.model.hidden_dim = 0
+  config.model.hidden_dim = None
   config.model.variant = "B/16"
   config.model.patch_size = 2
   with pytest.raises(errors.CheckpointError,
                      match=r"hidden_dim=768 \(variant B/16\) but init_from /w was trained "
                            r"with hidden_dim=16 \(variant S/2\)"):
-    train.take_architecture(config, CHECKPOINT_INFO, "/w")
+    state.resolve_model(config, CHECKPOINT_INFO, "/w")
 
 
 def test_progress_eta_counts_training_time_only():

@@ -83,7 +83,7 @@ def test_scan_and_remat_policy_reach_the_models_and_their_shardings():
                                                 NUM_CLASSES), 8))
 
 
-def test_fields_of_a_checkpoint_win_over_the_config():
+def test_fields_given_to_setup_win_over_the_config():
   fields = dict(patch_size=4, num_blocks=1, hidden_dim=8, tokens_mlp_dim=4, channels_mlp_dim=8)
   other = state_lib.Setup(_config(), 3, fields=fields)
   assert other.fields == fields and other.model.hidden_dim == 8
@@ -167,7 +167,7 @@ def test_state_with_params_keeps_them_at_step_zero(setup):
     (dict(randaugment_magnitude=31),
      "config.randaugment_magnitude=31 must be in [0, 30] (paper: 15)."),
     ({"model.hidden_dim": -4},
-     "config.model.hidden_dim=-4 must be a positive integer (or 0 for the variant's value)."),
+     "config.model.hidden_dim=-4 must be a positive integer (or unset for the preset's value)."),
     (dict(loss="hinge"), "config.loss='hinge' is not one of softmax, sigmoid."),
     (dict(optimizer="lars"), "config.optimizer='lars' is not one of adam, sgd, lamb."),
     ({"model.remat_policy": "dots"}, "config.model.remat_policy='dots' is not one of none, "
@@ -181,7 +181,7 @@ def test_validate_config_refuses_bad_values_in_one_sentence(overrides, sentence)
 def test_validate_config_accepts_the_tiny_config_and_names_an_unknown_variant():
   state_lib.validate_config(_config())
   with pytest.raises(errors.ConfigError, match=r"^config\.model\.variant: .*'Z/9'"):
-    state_lib.model_fields(_config(**{"model.variant": "Z/9"}))
+    state_lib.resolve_model(_config(**{"model.variant": "Z/9"}))
 
 
 # -------------------------------------------------------- every family, one path
@@ -189,10 +189,10 @@ def test_resmlp_and_gmlp_build_through_the_same_setup():
   """config.model.variant names the family; a scanned gMLP stacks under GMlpBlock."""
   for variant, scan, block in (("resmlp_12", False, "ResMlpBlock_0"),
                                ("gmlp_s16", True, "GMlpBlock")):
-    config = _config(**{"model.variant": variant, "model.tokens_mlp_dim": 0,
+    config = _config(**{"model.variant": variant, "model.tokens_mlp_dim": None,
                         "model.scan": scan, "model.stoch_depth": 0.1})
-    assert state_lib.model_fields(config) == dict(patch_size=2, num_blocks=1, hidden_dim=16,
-                                                  channels_mlp_dim=32)
+    assert state_lib.size_fields(config) == dict(patch_size=2, num_blocks=1, hidden_dim=16,
+                                                 channels_mlp_dim=32)
     setup = state_lib.Setup(config, NUM_CLASSES, total_steps=4)  # Nothing compiled.
     params = setup.abstract_state["params"]
     assert block in params and setup.model.stoch_depth == 0.1
@@ -201,7 +201,33 @@ def test_resmlp_and_gmlp_build_through_the_same_setup():
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         setup.abstract_state["opt_state"][1].mu)
   with pytest.raises(errors.ConfigError, match=re.escape(
-      "config.model.tokens_mlp_dim=16 is not a size of resmlp_12 (a resmlp model: "
-      "patch_size, num_blocks, hidden_dim, channels_mlp_dim); set "
-      "--config.model.tokens_mlp_dim=0.")):
-    state_lib.model_fields(_config(**{"model.variant": "resmlp_12"}))
+      "config.model.tokens_mlp_dim=16 is not a field of resmlp_12 (a resmlp model: "
+      "patch_size, num_blocks, hidden_dim, channels_mlp_dim, layerscale_init, "
+      "approximate_gelu, stoch_depth, dropout, remat_policy, scan); leave it unset.")):
+    state_lib.resolve_model(_config(**{"model.variant": "resmlp_12"}))
+
+
+def test_finetuning_from_a_released_b16_file_is_named_b16():
+  """configs/finetune.py (variant "") from a B/16-size file: the sizes, and the name B/16
+  (as checkpoint.load_params describes a released file)."""
+  from configs import finetune
+  sizes = {k: v for k, v in models.preset("B/16")[1].items()}
+  info = {"model": sizes, "num_classes": 21843, "image_size": 224, "family": "mixer",
+          "variant": models.model_name("mixer", sizes)}
+  assert info["variant"] == "B/16"
+  config = finetune.get_config()
+  config.image_size = 0
+  state_lib.resolve_model(config, info, "Mixer-B_16.npz")
+  assert (config.model.name, config.model.family, config.image_size) == ("B/16", "mixer", 224)
+  assert state_lib.size_fields(config) == sizes
+  # The preset named instead: the same; another size is refused in one sentence.
+  config = finetune.get_config()
+  config.model.variant = "B/16"
+  state_lib.resolve_model(config, info, "Mixer-B_16.npz")
+  assert config.model.name == "B/16"
+  config = finetune.get_config()
+  config.model.variant = "S/16"
+  with pytest.raises(errors.CheckpointError, match=re.escape(
+      "config.model gives hidden_dim=512 (variant S/16) but init_from Mixer-B_16.npz was "
+      "trained with hidden_dim=768 (variant B/16)")):
+    state_lib.resolve_model(config, info, "Mixer-B_16.npz")

@@ -245,7 +245,7 @@ def test_config_wires_stochastic_depth_and_dropout_into_the_model():
   model (state.build_model(train=False), what the eval step applies) is deterministic."""
   # Two blocks: the first block's stochastic-depth rate is always 0.
   config = _config(**{"model.stoch_depth": 0.3, "model.dropout": 0.2, "model.num_blocks": 2})
-  fields = state_lib.model_fields(config)
+  fields = state_lib.size_fields(config)
   model = state_lib.build_model(config, NUM_CLASSES, fields)
   assert (model.stoch_depth, model.dropout) == (0.3, 0.2)
   eval_model = state_lib.build_model(config, NUM_CLASSES, fields, train=False)

@@ -41,8 +41,7 @@ def test_logits_match_timm_golden_files(family, kernels):
   assert info["model"] == EXPECTED_FIELDS[family] and info["num_classes"] == 5
   assert info["image_size"] == meta["img_size"] == 16
   assert weights.family_of(params).name == family
-  model = models.create_model(state.checkpoint_variant(info), 5, **info["model"],
-                              kernels=kernels)
+  model = state.inference_model(info, 5, kernels_name=kernels)
   logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images))
   assert logits.dtype == np.float32 and np.abs(golden).max() > 0.5
   # <= 1e-5 relative to the largest logit, and elementwise.
@@ -71,11 +70,12 @@ def test_timm_files_round_trip_bit_for_bit(family, tmp_path):
 
 
 def test_timm_names_of_the_new_families():
-  info = lambda v: {"model": models.variant_sizes(v), "num_classes": 1000, "image_size": 224}
+  sizes = lambda v: {k: x for k, x in models.preset(v)[1].items() if k in models.SIZE_FIELDS}
+  info = lambda v: {"model": sizes(v), "num_classes": 1000, "image_size": 224}
   for variant in ("resmlp_12", "resmlp_24", "resmlp_36", "resmlp_big_24", "gmlp_ti16",
                   "gmlp_s16", "gmlp_b16"):
-    family = models.family(variant).name
-    assert export.timm_model_name(models.variant_sizes(variant), family) == f"{variant}_224"
+    family = models.preset(variant)[0].name
+    assert export.timm_model_name(sizes(variant), family) == f"{variant}_224"
     assert export.timm_constructor(info(variant), family) == (
         f"timm.create_model('{variant}_224', pretrained=False, num_classes=1000, "
         "img_size=224)")
@@ -120,7 +120,7 @@ def test_families_are_told_apart_and_a_file_of_another_family_is_refused():
   assert timm_layout.family_of_state_dict(load_file(_fixture("gmlp")[0])) == "gmlp"
   assert timm_layout.family_of_state_dict(load_file(_fixture("mixer")[0])) == "mixer"
   resmlp, _ = weights.load_params(_fixture("resmlp")[0])
-  gmlp_model = models.create_model("gmlp_s16", 5, **EXPECTED_FIELDS["gmlp"])
+  gmlp_model = models.from_preset("gmlp_s16", 5, **EXPECTED_FIELDS["gmlp"])
   with pytest.raises(errors.CheckpointError, match=re.escape(
       "r.safetensors is a ResMLP but the config asks for a gMLP; set "
       "config.model.variant to a ResMLP variant")):

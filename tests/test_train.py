@@ -15,6 +15,7 @@ checkpoint write (about a third of each step's wall time is saving).
 
 import glob
 import json
+import logging
 import math
 import os
 import random
@@ -242,12 +243,14 @@ def test_init_from_a_workdir_takes_its_architecture(trained, data_dir, tmp_path)
                        eval_every_steps=1, checkpoint_every_steps=1)
   for key in ("variant", "patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim",
               "channels_mlp_dim"):
-    config.model[key] = "" if key == "variant" else 0  # Nothing re-typed.
+    config.model[key] = "" if key == "variant" else None  # Nothing re-typed.
   train.train_and_evaluate(config, str(tmp_path / "ft"))
-  assert run_record.read_model_file(str(tmp_path / "ft"))["model"] == \
-      run_record.read_model_file(workdir)["model"]
+  model_file = run_record.read_model_file(str(tmp_path / "ft"))
+  assert model_file["model"] == run_record.read_model_file(workdir)["model"]
   recorded = run_record.read(str(tmp_path / "ft"))["config"]
-  assert (recorded["model.variant"], recorded["image_size"]) == ("S/2", 8)
+  # Named from its sizes: no preset has them.
+  assert recorded["model.name"] == model_file["variant"] == "Mixer custom (patch 2, 2 x 16)"
+  assert (recorded["model.family"], recorded["image_size"]) == ("mixer", 8)
 
 
 def test_preemption_watcher_agrees_lag_steps_after_the_signal():
@@ -389,19 +392,29 @@ def _finetune_config(root, npz, **overrides):
 
 
 @pytest.mark.slow
-def test_finetune_end_to_end(tmp_path):
+def test_finetune_end_to_end(tmp_path, caplog):
   root = write_folder(str(tmp_path / "data"), 3, 8)
   npz_path = write_checkpoint(str(tmp_path / "Mixer-tiny_10.npz"), 10,
                               bias=np.linspace(-1, 1, 10).astype(np.float32))
   config = _finetune_config(root, npz_path)
   workdir = str(tmp_path / "work")
-  final = train.train_and_evaluate(config, workdir)
+  with caplog.at_level(logging.INFO):
+    final = train.train_and_evaluate(config, workdir)
+  # The run is named from its sizes, in the log, model.json and config.json; the
+  # head's re-initialisation (10 classes -> 3) is logged once.
+  name = models.model_name("mixer", NPZ_TINY)
+  assert name.startswith("Mixer custom (patch ")
+  messages = [r.getMessage() for r in caplog.records]
+  assert [m for m in messages if m.startswith("Training ")][0].startswith(f"Training {name} (")
+  assert len([m for m in messages if "Re-initialising the head" in m]) == 1, messages
+  assert run_record.read_model_file(workdir)["variant"] == name
+  assert run_record.read(workdir)["config"]["model.name"] == name
 
   # Independent reference: the trainer's first two batches, the .npz with a fresh zero
   # head, and two clipped momentum-SGD steps written out by hand.
   source = input_pipeline.get_source(config)
   batches = iter(input_pipeline.train_dataset(source, config, 8, 3, 0, 1))
-  model = models.create_model("S/4", 3, **NPZ_TINY)
+  model = models.from_preset("S/4", 3, **NPZ_TINY)
 
   def clipped_grads(flat_params):
     batch = input_pipeline.to_numpy(next(batches))
@@ -706,10 +719,10 @@ def test_init_from_names_the_family_of_another_familys_checkpoint():
   with pytest.raises(errors.CheckpointError, match=(
       r"^config.model.variant=S/2 is a mixer model but init_from r.npz is a resmlp "
       r"\(resmlp_12\); set --config.model.variant=''")):
-    train.take_architecture(tiny_config("/nonexistent"), info, "r.npz")
+    state_lib.resolve_model(tiny_config("/nonexistent"), info, "r.npz")
   config = tiny_config("/nonexistent", **{
-      "model.variant": "", "model.tokens_mlp_dim": 0, "model.num_blocks": 0,
-      "model.hidden_dim": 0, "model.channels_mlp_dim": 0, "model.patch_size": 0})
-  train.take_architecture(config, info, "r.npz")
-  assert config.model.variant == "resmlp_12"
-  assert state_lib.model_fields(config) == info["model"]
+      "model.variant": "", "model.tokens_mlp_dim": None, "model.num_blocks": None,
+      "model.hidden_dim": None, "model.channels_mlp_dim": None, "model.patch_size": None})
+  state_lib.resolve_model(config, info, "r.npz")
+  assert (config.model.family, config.model.name) == ("resmlp", "ResMLP custom (patch 2, 2 x 16)")
+  assert state_lib.size_fields(config) == info["model"]

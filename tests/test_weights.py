@@ -18,7 +18,7 @@ from test_evaluate import SIZE as NPZ_SIZE, TINY as NPZ_TINY, write_checkpoint
 
 
 def _tiny(num_classes=5, **kw):
-  return models.create_model("S/4", num_classes, **dict(TINY, **kw))
+  return models.from_preset("S/4", num_classes, **dict(TINY, **kw))
 
 
 def _write_released_layout(path, params):
@@ -90,7 +90,7 @@ def test_load_pretrained_of_a_released_npz_zeroes_the_new_head(tmp_path):
   """A 10-class released-layout `.npz` (non-zero head bias) into a 3-class model."""
   npz = weights.load_npz(write_checkpoint(str(tmp_path / "c10.npz"), 10,
                                              bias=np.arange(10, dtype=np.float32)))
-  model = models.create_model("S/4", 3, **NPZ_TINY)
+  model = models.from_preset("S/4", 3, **NPZ_TINY)
   fresh = models.init_params(model, NPZ_SIZE, jax.random.key(1))
   merged = weights.flatten(weights.load_pretrained(fresh, npz, source="c10.npz"))
   pre = weights.flatten(npz)

@@ -1,13 +1,16 @@
 """Forms of the model's ops that XLA's CPU backend runs faster, each equal to a plain op.
 
-Each form is used through a seam the model already has (flax's
-`nn.Dense(dot_general=...)`, `nn.Conv(conv_general_dilated=...)`, the model's
-`activation`), so the model file stays the paper. What each form buys on the 2-core
-CPU (S/32, batch 32, float32): BENCHMARKS.md, "Kernels A/B" (GELU as x * sigmoid(2u)
-measured within noise there, so the model's own tanh GELU runs on every backend).
+`intercept` (a flax method interceptor, installed around `apply` by state.py when
+`kernels` is "cpu", or "auto" on the CPU backend) computes flax's `nn.Dense` and the
+patch-embedding `nn.Conv` with these forms, on the layers' own parameters, so the model
+files stay the papers. What each form buys on the 2-core CPU (S/32, batch 32,
+float32): BENCHMARKS.md, "Kernels A/B" (GELU as x * sigmoid(2u) measured within noise
+there, so the model's own tanh GELU runs on every backend).
 """
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 # ------------------------------------------------------------------------ matmul
@@ -123,4 +126,47 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       preferred_element_type=preferred_element_type)
 
 
-OPS = dict(dot_general=dot_general, conv_general_dilated=conv_general_dilated)
+# ------------------------------------------------------------- the interceptor
+def _plain_product(m) -> bool:
+  return m.dot_general is None and m.dot_general_cls is None and m.precision is None
+
+
+def dense(m: nn.Dense, x):
+  """`m(x)` for a flax nn.Dense `m` (its parameters, dtype rules), product by `dot_general`."""
+  kernel = m.param("kernel", m.kernel_init, (jnp.shape(x)[-1], m.features), m.param_dtype)
+  bias = m.param("bias", m.bias_init, (m.features,), m.param_dtype) if m.use_bias else None
+  x, kernel, bias = m.promote_dtype(x, kernel, bias, dtype=m.dtype)
+  y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+def _is_stem(m: nn.Conv, x) -> bool:
+  size = tuple(m.kernel_size)
+  return (type(m) is nn.Conv and x.ndim == 4 and len(size) == 2
+          and tuple(m.strides or (1, 1)) == size and m.padding == "VALID"
+          and m.input_dilation in (None, 1) and m.kernel_dilation in (None, 1)
+          and m.feature_group_count == 1 and m.mask is None and m.conv_general_dilated is None
+          and m.conv_general_dilated_cls is None and m.precision is None
+          and x.shape[1] % size[0] == 0 and x.shape[2] % size[1] == 0)
+
+
+def conv(m: nn.Conv, x):
+  """`m(x)` for a patch-embedding flax nn.Conv `m` (kernel = stride, VALID), as one matmul."""
+  kernel = m.param("kernel", m.kernel_init, tuple(m.kernel_size) + (x.shape[-1], m.features),
+                   m.param_dtype)
+  bias = m.param("bias", m.bias_init, (m.features,), m.param_dtype) if m.use_bias else None
+  x, kernel, bias = m.promote_dtype(x, kernel, bias, dtype=m.dtype)
+  y = patch_embedding(x, kernel)
+  return y if bias is None else y + bias
+
+
+def intercept(next_fun, args, kwargs, context):
+  """A flax method interceptor: nn.Dense by `dense`, a patch-embedding nn.Conv by `conv`,
+  every other call as it is."""
+  m = context.module
+  if context.method_name == "__call__" and len(args) == 1 and not kwargs:
+    if type(m) is nn.Dense and _plain_product(m):
+      return dense(m, args[0])
+    if isinstance(m, nn.Conv) and _is_stem(m, args[0]):
+      return conv(m, args[0])
+  return next_fun(*args, **kwargs)

@@ -1,4 +1,6 @@
-"""Pallas GPU kernels for the Mixer's LayerNorms and MLP blocks, each beside its plain twin.
+"""EXPERIMENTAL: Pallas GPU kernels for the Mixer's LayerNorms and MLP blocks, each beside
+its plain twin. Never measured to pay on the hardware they target (issue 21), so never
+chosen by `kernels="auto"`: only by name, `kernels="pallas"`.
 
 Why (BENCHMARKS.md, "GPU"): on an H100 about 25 of the 56 ms of a B/16 bfloat16 train
 step are element-wise passes at memory bandwidth, and kernels that XLA generates are
@@ -14,8 +16,9 @@ read or write the data anyway:
   epilogue (`gelu_grad_matmul`), so neither the GELU output's gradient nor a separate
   element-wise pass touches memory. The other products are XLA's. Plain twin: `mlp_plain`.
 
-The model reaches them through its module seams (`layer_norm`, `mlp_block`; `ops()`)
-with `kernels="pallas"`. Where Pallas cannot compile for a GPU here (no GPU backend, or
+The model reaches them through `interceptor()`, a flax method interceptor that state.py
+installs around `apply` with `kernels="pallas"`: it computes flax's nn.LayerNorm and the
+models' `layers.MlpBlock` with these kernels, on the layers' own parameters. Where Pallas cannot compile for a GPU here (no GPU backend, or
 Triton failing on this one), and on more than one device (XLA's SPMD partitioner cannot
 split a Pallas kernel; that needs shard_map over the batch), the modules run their
 plain twins, flax's own layers, and say so once in the log. `Tiles(interpret=True)`
@@ -38,6 +41,8 @@ from absl import logging
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from mixer_jax.models import layers
 
 F32 = jnp.float32
 
@@ -425,27 +430,20 @@ def _use_kernels(tiles: Tiles) -> bool:
   return tiles.interpret or gpu_available()
 
 
-# ------------------------------------------------------------- the model's seams
-class LayerNorm(nn.LayerNorm):
-  """flax's nn.LayerNorm (the same fields and parameters) computed by `layer_norm`.
-
-  Forms it does not cover (axes other than the last, no scale or bias, a mask, a named
-  axis, rows wider than 16384) and backends where the kernels do not compile run
-  nn.LayerNorm itself.
-  """
-  tiles: Tiles = TILES
-
-  @nn.compact
-  def __call__(self, x, *, mask=None):
-    covered = (mask is None and self.axis_name is None and self.use_bias and self.use_scale
-               and self.reduction_axes in (-1, (-1,)) and self.feature_axes in (-1, (-1,))
-               and self.force_float32_reductions and x.shape[-1] <= 16384)
-    if not (covered and _use_kernels(self.tiles)):
-      return super().__call__(x, mask=mask)
-    features = (x.shape[-1],)
-    scale = self.param("scale", self.scale_init, features, self.param_dtype)
-    bias = self.param("bias", self.bias_init, features, self.param_dtype)
-    return layer_norm(x, scale, bias, eps=self.epsilon, dtype=self.dtype, tiles=self.tiles)
+# ------------------------------------------------------------- the interceptor
+def _layer_norm_call(m: nn.LayerNorm, x, tiles: Tiles):
+  """`m(x)` for a flax nn.LayerNorm over the last axis, by `layer_norm`; None where this
+  form does not cover `m` (axes other than the last, no scale or bias, a named axis,
+  rows wider than 16384) or the kernels do not compile here."""
+  covered = (m.axis_name is None and m.use_bias and m.use_scale
+             and m.reduction_axes in (-1, (-1,)) and m.feature_axes in (-1, (-1,))
+             and m.force_float32_reductions and x.shape[-1] <= 16384)
+  if not (covered and _use_kernels(tiles)):
+    return None
+  features = (x.shape[-1],)
+  scale = m.param("scale", m.scale_init, features, m.param_dtype)
+  bias = m.param("bias", m.bias_init, features, m.param_dtype)
+  return layer_norm(x, scale, bias, eps=m.epsilon, dtype=m.dtype, tiles=tiles)
 
 
 class _DenseParams(nn.Dense):
@@ -459,39 +457,28 @@ class _DenseParams(nn.Dense):
     return kernel, bias
 
 
-class MlpBlock(nn.Module):
-  """models.mixer.MlpBlock (the same fields and parameters, Dense_0 and Dense_1), with the
-  block computed by `mlp` where it has no dropout to apply and uses this file's `gelu`
-  and lax.dot_general. Otherwise, and where the kernels do not compile, the plain block."""
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  dot_general: Callable = lax.dot_general
-  activation: Callable = gelu
-  tiles: Tiles = TILES
-
-  @nn.compact
-  def __call__(self, x, *, train: bool = False):
-    fused = (self.activation is gelu and self.dot_general is lax.dot_general
-             and not (train and self.dropout > 0.0) and _use_kernels(self.tiles))
-    if not fused:  # models.mixer.MlpBlock, line for line.
-      dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=self.dot_general)
-      y = self.activation(dense(self.mlp_dim, name="Dense_0")(x))
-      y = nn.Dropout(self.dropout, deterministic=not train)(y)
-      y = dense(x.shape[-1], name="Dense_1")(y)
-      return nn.Dropout(self.dropout, deterministic=not train)(y)
-    w1, b1 = _DenseParams(self.mlp_dim, name="Dense_0")(x.shape[-1])
-    w2, b2 = _DenseParams(x.shape[-1], name="Dense_1")(self.mlp_dim)
-    x, w1, b1, w2, b2 = nn.dtypes.promote_dtype(x, w1, b1, w2, b2, dtype=self.dtype)
-    return mlp(x, w1, b1, w2, b2, tiles=self.tiles)
+def _mlp_block_call(m, x, train: bool, tiles: Tiles):
+  """`m(x)` for a `layers.MlpBlock` by `mlp` (Dense_0, Dense_1 as the block names them);
+  None where it has dropout to apply, uses the exact GELU, or the kernels do not compile."""
+  if not m.approximate_gelu or (train and m.dropout > 0.0) or not _use_kernels(tiles):
+    return None
+  w1, b1 = _DenseParams(m.mlp_dim, name="Dense_0")(x.shape[-1])
+  w2, b2 = _DenseParams(x.shape[-1], name="Dense_1")(m.mlp_dim)
+  x, w1, b1, w2, b2 = nn.dtypes.promote_dtype(x, w1, b1, w2, b2, dtype=m.dtype)
+  return mlp(x, w1, b1, w2, b2, tiles=tiles)
 
 
-def ops(tiles: Optional[Tiles] = None) -> dict:
-  """The model fields that run these kernels (`tiles`: block sizes, or interpret mode)."""
-  if tiles is None or tiles == TILES:
-    return dict(layer_norm=LayerNorm, mlp_block=MlpBlock, activation=gelu)
-  return dict(layer_norm=functools.partial(LayerNorm, tiles=tiles),
-              mlp_block=functools.partial(MlpBlock, tiles=tiles), activation=gelu)
+def interceptor(tiles: Tiles = TILES):
+  """A flax method interceptor computing nn.LayerNorm and `layers.MlpBlock` with these
+  kernels (`tiles`: block sizes, or interpret mode); every other call, and what the
+  kernels do not cover, as it is."""
+  def intercept(next_fun, args, kwargs, context):
+    m, out = context.module, None
+    if context.method_name == "__call__" and args:
+      if type(m) is nn.LayerNorm and not kwargs.get("mask"):
+        out = _layer_norm_call(m, args[0], tiles)
+      elif type(m) is layers.MlpBlock:
+        out = _mlp_block_call(m, args[0], kwargs.get("train", False), tiles)
+    return next_fun(*args, **kwargs) if out is None else out
 
-
-OPS = ops()
+  return intercept

@@ -1,28 +1,23 @@
-"""The model registry: a variant name -> a Flax module of one family.
+"""The model registry: a family's module, its presets, and the run's name.
 
-  model = create_model("B/16", num_classes=1000)        # MLP-Mixer (mixer.py)
-  model = create_model("resmlp_12", num_classes=1000)   # ResMLP (resmlp.py)
-  model = create_model("gmlp_s16", num_classes=1000)    # gMLP (gmlp.py)
+  model = create_model("mixer", num_classes=1000, patch_size=16, num_blocks=12,
+                       hidden_dim=768, tokens_mlp_dim=384, channels_mlp_dim=3072)
+  model = from_preset("B/16", num_classes=1000)   # the same
   params = init_params(model, 224)
   logits = model.apply({"params": params}, images, train=False)   # NHWC in [-1, 1]
 
-A family registers a pattern for its variant names, the size fields that a matching
-name stands for, and its module class (one file per family, e.g. `mixer.py`). Adding
-a family is one import and one `register(...)` line at the bottom of this file. The
-Mixer takes the paper's names ("B/16", any "<S|B|L|H>/<patch>"); ResMLP and gMLP take
-timm's (resmlp_12, resmlp_24, resmlp_36, resmlp_big_24, gmlp_ti16, gmlp_s16, gmlp_b16;
-timm's "_224" suffix left out: the resolution is the input's). `family(variant)` gives
-a variant's Family: its name, its size fields, its block name, and the parameters
-whose shapes give its sizes (`shape_keys`, read by weights.describe).
+A model is its fields: `create_model(family, num_classes, **fields)` is
+`Family.module(num_classes=..., **fields)`, nothing in between. A preset name
+("B/16", any "<S|B|L|H>/<patch>"; timm's resmlp_12, resmlp_24, resmlp_36,
+resmlp_big_24, gmlp_ti16, gmlp_s16, gmlp_b16, their "_224" left out) only fills
+fields (`preset`), and `model_name` names a model from its fields ("B/16", or
+"Mixer custom (patch 4, 8 x 128)" where no preset has them). Adding a family is one
+`register(...)` line at the bottom of this file; checking the values is
+state.resolve_model's, once (the modules trust their inputs).
 
-`kernels` picks the ops a module computes with: "xla" = the plain ops of the family
-file, "cpu" = the faster equal forms of `mixer_jax/kernels/cpu.py` (through the
-module's `dot_general` / `conv_general_dilated` / `activation` fields), "pallas" =
-the GPU kernels of `mixer_jax/kernels/pallas.py` (through its `layer_norm` /
-`mlp_block` module fields; the plain ops, logged once, where they cannot compile),
-"auto" = "cpu" on the CPU backend and "xla" elsewhere. The plain ops support every JAX
-transformation; the "cpu" matmul and the "pallas" kernels have custom VJPs, so
-forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) needs kernels="xla".
+The modules are the papers' plain flax code. Faster equal forms of their layers
+(mixer_jax/kernels/) enter at apply time through flax's method interceptors, chosen
+by the trainer (state.py), never through a module field.
 
 `scan=True` runs the blocks under `nn.scan`: the parameters of the N blocks are then
 stacked on a leading axis (the "scanned" layout). The released `.npz` layout
@@ -39,8 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import kernels as kernel_sets
-from mixer_jax.models import blocks, gmlp, mixer, resmlp
+from mixer_jax.models import blocks, gmlp, layers, mixer, resmlp
 from mixer_jax.models.blocks import LAYOUTS, REMAT_POLICIES, SCANNED, UNROLLED, model_layout
 
 # Paper Table 1: hidden size C, blocks, token-MLP width D_S, channel-MLP width D_C.
@@ -50,64 +44,52 @@ SIZES = {
     "L": dict(hidden_dim=1024, num_blocks=24, tokens_mlp_dim=512, channels_mlp_dim=4096),
     "H": dict(hidden_dim=1280, num_blocks=32, tokens_mlp_dim=640, channels_mlp_dim=5120),
 }
+SIZE_FIELDS = ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim")
 PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
-KERNELS = ("auto", "xla", "cpu", "pallas")
 
 
-@dataclasses.dataclass(frozen=True)
-class MixerSpec:
-  patch_size: int
-  num_blocks: int
-  hidden_dim: int
-  tokens_mlp_dim: int
-  channels_mlp_dim: int
-
-
-def parse_variant(variant: str) -> MixerSpec:
-  """'B/16' -> MixerSpec. Any '<S|B|L|H>/<patch>' is accepted."""
+def parse_variant(variant: str) -> dict:
+  """'B/16' -> the Mixer's size fields. Any '<S|B|L|H>/<patch>' is accepted."""
   m = re.fullmatch(r"([SBLH])/(\d+)", str(variant).strip())
   if not m or int(m.group(2)) <= 0:
     raise ValueError(
         f"Unknown Mixer variant {variant!r}; use '<S|B|L|H>/<patch>' such as "
         f"{', '.join(PAPER_VARIANTS)} or 'B/8'.")
-  return MixerSpec(patch_size=int(m.group(2)), **SIZES[m.group(1)])
+  return dict(patch_size=int(m.group(2)), **SIZES[m.group(1)])
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  pattern: str  # Matched against the whole variant name.
-  sizes: Callable[[str], dict]  # Variant name -> the module's size fields (integers).
-  module: Any  # A flax module class taking num_classes, the size fields and options.
-  name: str = ""  # "mixer", "resmlp", "gmlp".
-  block: str = ""  # The blocks' name: `{block}_{i}` unrolled, `{block}` scanned.
+  name: str  # "mixer", "resmlp", "gmlp".
+  module: Any  # The flax model class: num_classes plus the fields.
+  block: Any  # The block class: its name is `{block}_{i}` unrolled, `{block}` scanned.
+  title: str  # "Mixer", "ResMLP", "gMLP": for names and messages.
+  presets: Callable[[str], Optional[dict]]  # Preset name -> its fields, None if not one.
+  names: Tuple[str, ...] = ()  # The named presets, for messages and `model_name`.
   # Size field (and "num_tokens") -> (flat parameter key, axis) whose size it is; the
   # keys of block 0 are written with `{block}_0`.
   shape_keys: Mapping[str, Tuple[str, int]] = dataclasses.field(default_factory=dict)
-  options: Callable[[str], dict] = lambda name: {}  # Variant name -> other field values.
-  names: Tuple[str, ...] = ()  # The named variants, for messages and `variant_for`.
+
+  @property
+  def block_name(self) -> str:
+    return self.block.__name__
+
+  @property
+  def fields(self) -> Tuple[str, ...]:
+    """The model's fields that config.model may set (num_classes is the run's)."""
+    return tuple(f.name for f in dataclasses.fields(self.module)
+                 if f.name not in ("parent", "name", "num_classes"))
 
 
 _FAMILIES = []
-# Module fields a user may not set: they are chosen by `kernels`.
-_OPS = ("dot_general", "conv_general_dilated", "activation", "layer_norm", "mlp_block",
-        "constrain")
 
 
 def register(family: Family):
   _FAMILIES.append(family)
 
 
-def family(variant: str) -> Family:
-  """The family whose pattern `variant` matches; ValueError naming the accepted names."""
-  name = str(variant).strip()
-  found = next((f for f in _FAMILIES if re.fullmatch(f.pattern, name)), None)
-  if found is None:
-    others = [n for f in _FAMILIES if f.name != "mixer" for n in f.names]
-    raise ValueError(
-        f"Unknown Mixer variant {variant!r}; use '<S|B|L|H>/<patch>' such as "
-        f"{', '.join(PAPER_VARIANTS)} or 'B/8'"
-        + (f", or a ResMLP or gMLP: {', '.join(others)}." if others else "."))
-  return found
+def families():
+  return list(_FAMILIES)
 
 
 def family_named(name: str) -> Family:
@@ -115,92 +97,64 @@ def family_named(name: str) -> Family:
   found = next((f for f in _FAMILIES if f.name == name), None)
   if found is None:
     raise ValueError(f"Unknown model family {name!r}; use one of "
-                     f"{', '.join(f.name for f in _FAMILIES if f.name)}.")
+                     f"{', '.join(f.name for f in _FAMILIES)}.")
   return found
 
 
-def families():
-  return [f for f in _FAMILIES if f.name]
+def preset(variant: str) -> Tuple[Family, dict]:
+  """A preset name's family and the fields it fills; ValueError naming the accepted names."""
+  name = str(variant).strip()
+  for fam in _FAMILIES:
+    fields = fam.presets(name)
+    if fields is not None:
+      return fam, fields
+  others = [n for f in _FAMILIES if f.name != "mixer" for n in f.names]
+  raise ValueError(
+      f"Unknown Mixer variant {variant!r}; use '<S|B|L|H>/<patch>' such as "
+      f"{', '.join(PAPER_VARIANTS)} or 'B/8'"
+      + (f", or a ResMLP or gMLP: {', '.join(others)}." if others else "."))
 
 
-def variant_sizes(variant: str) -> dict:
-  """The size fields that a variant name stands for, e.g. resmlp_12 -> patch_size 16,
-  num_blocks 12, hidden_dim 384, channels_mlp_dim 1536."""
-  return family(variant).sizes(str(variant).strip())
-
-
-def variant_for(family_name: str, fields: Mapping[str, int]) -> str:
-  """A variant name of the family for models of these size fields: the named variant
-  with exactly these sizes, else the family's first (every size is then given as an
-  override, so the name only chooses the family and its options)."""
+def model_name(family_name: str, fields: Mapping[str, Any]) -> str:
+  """The name of the model with these fields: the preset whose size fields (and
+  options, e.g. ResMLP's LayerScale init) are these ("B/16", "B/8", "resmlp_24"),
+  else a description such as "Mixer custom (patch 4, 8 x 128)" (blocks x width)."""
   fam = family_named(family_name)
-  for name in fam.names:
-    if fam.sizes(name) == {k: int(v) for k, v in fields.items()}:
-      return name
+  same = lambda preset_fields: all(fields.get(k) == v for k, v in preset_fields.items()
+                                  if k in SIZE_FIELDS)
   if fam.name == "mixer":
-    return f"S/{int(fields['patch_size'])}"
-  return fam.names[0]
+    for letter, sizes in SIZES.items():
+      if "patch_size" in fields and same(sizes):
+        return f"{letter}/{int(fields['patch_size'])}"
+  for name in fam.names:
+    if same(fam.presets(name)):
+      return name
+  return (f"{fam.title} custom (patch {int(fields['patch_size'])}, "
+          f"{int(fields['num_blocks'])} x {int(fields['hidden_dim'])})")
 
 
-def create_model(variant: str, num_classes: Optional[int], **overrides):
-  """Builds a model from a variant name plus optional field overrides.
+def from_preset(variant: str, num_classes: Optional[int], **fields):
+  """`create_model` of a preset's family and fields, `fields` given replacing the
+  preset's: `from_preset("B/16", 1000)`, `from_preset("S/4", 10, num_blocks=2)`."""
+  family, filled = preset(variant)
+  return create_model(family.name, num_classes, **{**filled, **fields})
+
+
+def create_model(family_name: str, num_classes: Optional[int], **fields):
+  """`Family.module(num_classes=num_classes, **fields)`: the family's plain model.
 
   Args:
-    variant: a Mixer "S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14" or any
-      "<S|B|L|H>/<patch>"; a ResMLP resmlp_12, resmlp_24, resmlp_36, resmlp_big_24;
-      a gMLP gmlp_ti16, gmlp_s16, gmlp_b16.
+    family_name: "mixer", "resmlp" or "gmlp".
     num_classes: head width; 0 or None gives pooled pre-logit features.
-    **overrides: any of the family's size fields (Mixer: patch_size, num_blocks,
-      hidden_dim, tokens_mlp_dim, channels_mlp_dim; ResMLP and gMLP: patch_size,
-      num_blocks, hidden_dim, channels_mlp_dim), its options (ResMLP:
-      layerscale_init; ResMLP and gMLP: approximate_gelu), stoch_depth, dropout,
-      dtype ("float32", "bfloat16" or a jnp dtype), head_bias_init, remat_policy
-      (one of REMAT_POLICIES: "none", "full", "dots_saveable",
-      "dots_with_no_batch_dims_saveable"), scan (bool: blocks under nn.scan, stacked
-      parameters), and kernels ("auto", "xla", "cpu" or "pallas", see the module
-      docstring).
+    **fields: the module's fields (Mixer: patch_size, num_blocks, hidden_dim,
+      tokens_mlp_dim, channels_mlp_dim; ResMLP and gMLP: all but tokens_mlp_dim, plus
+      ResMLP's layerscale_init and both's approximate_gelu), stoch_depth, dropout,
+      dtype (a jnp dtype or its name), head_bias_init, remat_policy (one of
+      REMAT_POLICIES) and scan. Checked by state.resolve_model, not here.
   """
-  name = str(variant).strip()
-  fam = family(name)
-  sizes = fam.sizes(name)
-  module_fields = [f.name for f in dataclasses.fields(fam.module)]
-  fields = [n for n in module_fields if n not in ("parent", "name", "num_classes") + _OPS]
-  allowed = fields + ["kernels"]
-  unknown = set(overrides) - set(allowed)
-  if unknown:
-    raise ValueError(f"Unknown model field(s) {sorted(unknown)}; allowed: {', '.join(allowed)}.")
-  kernels = overrides.pop("kernels", "auto")
-  values = {**fam.options(name), **sizes, **overrides}
-  for key in sizes:
-    value = values[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"Model field {key}={value!r} must be a positive integer.")
-  if num_classes is not None and (isinstance(num_classes, bool) or
-                                  not isinstance(num_classes, int) or num_classes < 0):
-    raise ValueError(f"num_classes={num_classes!r} must be a non-negative integer "
-                     "(0 or None for pre-logit features).")
-  for key in ("stoch_depth", "dropout"):
-    value = values.get(key, 0.0)
-    if not 0.0 <= float(value) < 1.0:
-      raise ValueError(f"Model field {key}={value!r} must be in [0, 1).")
-  if "dtype" in values:
-    values["dtype"] = compute_dtype(values["dtype"])
-  if values.get("remat_policy", "none") not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat_policy {values['remat_policy']!r}; use one of "
-                     f"{', '.join(REMAT_POLICIES)}.")
-  if not isinstance(values.get("scan", False), bool):
-    raise ValueError(f"Model field scan={values['scan']!r} must be True or False.")
-  ops = {k: v for k, v in kernel_ops(kernels).items() if k in module_fields}
-  return fam.module(num_classes=num_classes, **values, **ops)
-
-
-def kernel_ops(kernels: str = "auto") -> dict:
-  """The op overrides that `kernels` stands for ({} = the family file's plain ops)."""
-  if kernels not in KERNELS:
-    raise ValueError(f"Unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}.")
-  if kernels == "auto":
-    kernels = "cpu" if jax.default_backend() == "cpu" else "xla"
-  return kernel_sets.SETS[kernels]
+  if isinstance(fields.get("dtype"), str):
+    fields["dtype"] = compute_dtype(fields["dtype"])
+  return family_named(family_name).module(num_classes=num_classes, **fields)
 
 
 def compute_dtype(name):
@@ -233,7 +187,7 @@ def param_shapes(model, image_size: int):
 # --------------------------------------------------- block layouts, any family
 def _prefix(tree) -> str:
   """The block name of the family whose blocks `tree` holds (the Mixer's if none)."""
-  return blocks.find_prefix(tree, [f.block for f in _FAMILIES if f.block]) or blocks.BLOCK
+  return blocks.find_prefix(tree, [f.block_name for f in _FAMILIES]) or blocks.BLOCK
 
 
 # `prefix` None below: the blocks of whichever registered family `tree` holds.
@@ -261,15 +215,16 @@ def is_stacked(path: str, prefix: Optional[str] = None) -> bool:
   """Whether the array at a '/'-joined `path` lies in a scanned stack of blocks (of
   `prefix`, or of any registered family), i.e. its axis 0 is the block axis."""
   parts = str(path).split("/")
-  names = [prefix] if prefix else [f.block for f in _FAMILIES if f.block] or [blocks.BLOCK]
+  names = [prefix] if prefix else [f.block_name for f in _FAMILIES] or [blocks.BLOCK]
   return any(n in parts for n in names)
 
 
 # ------------------------------------------------------------------ the families
 _MIXER_BLOCK0 = "MixerBlock_0"
 register(Family(
-    r"[SBLH]/\d+", lambda name: dataclasses.asdict(parse_variant(name)), mixer.MlpMixer,
-    name="mixer", block="MixerBlock", names=PAPER_VARIANTS,
+    "mixer", mixer.MlpMixer, mixer.MixerBlock, "Mixer",
+    lambda name: parse_variant(name) if re.fullmatch(r"[SBLH]/\d+", name) else None,
+    names=PAPER_VARIANTS,
     shape_keys={"patch_size": ("stem/kernel", 0), "hidden_dim": ("stem/kernel", 3),
                 "num_tokens": (f"{_MIXER_BLOCK0}/token_mixing/Dense_0/kernel", 0),
                 "tokens_mlp_dim": (f"{_MIXER_BLOCK0}/token_mixing/Dense_0/kernel", 1),
@@ -288,16 +243,23 @@ def _sizes(patch, num_blocks, width, ratio):
               channels_mlp_dim=ratio * width)
 
 
+def _resmlp(name):
+  if name not in RESMLP_VARIANTS:
+    return None
+  patch, num_blocks, width, layerscale = RESMLP_VARIANTS[name]
+  return dict(_sizes(patch, num_blocks, width, 4), layerscale_init=layerscale)
+
+
 register(Family(
-    "|".join(RESMLP_VARIANTS), lambda name: _sizes(*RESMLP_VARIANTS[name][:3], 4),
-    resmlp.ResMLP, name="resmlp", block="ResMlpBlock", names=tuple(RESMLP_VARIANTS),
-    options=lambda name: {"layerscale_init": RESMLP_VARIANTS[name][3]},
+    "resmlp", resmlp.ResMLP, resmlp.ResMlpBlock, "ResMLP", _resmlp,
+    names=tuple(RESMLP_VARIANTS),
     shape_keys={"patch_size": ("stem/kernel", 0), "hidden_dim": ("stem/kernel", 3),
                 "num_tokens": ("ResMlpBlock_0/token_mixing/kernel", 0),
                 "channels_mlp_dim": ("ResMlpBlock_0/channel_mixing/Dense_0/kernel", 1)}))
 register(Family(
-    "|".join(GMLP_VARIANTS), lambda name: _sizes(*GMLP_VARIANTS[name], 6), gmlp.GMLP,
-    name="gmlp", block="GMlpBlock", names=tuple(GMLP_VARIANTS),
+    "gmlp", gmlp.GMLP, gmlp.GMlpBlock, "gMLP",
+    lambda name: _sizes(*GMLP_VARIANTS[name], 6) if name in GMLP_VARIANTS else None,
+    names=tuple(GMLP_VARIANTS),
     shape_keys={"patch_size": ("stem/kernel", 0), "hidden_dim": ("stem/kernel", 3),
                 "num_tokens": ("GMlpBlock_0/spatial_gating/spatial_proj/kernel", 0),
                 "channels_mlp_dim": ("GMlpBlock_0/channel_proj_in/kernel", 1)}))

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_jax.models import layers
+
 BLOCK = "MixerBlock"  # The Mixer's block name; other families pass their own `prefix`.
 UNROLLED, SCANNED = "unrolled", "scanned"
 LAYOUTS = (UNROLLED, SCANNED)
@@ -42,13 +44,6 @@ _POLICIES = {
 REMAT_POLICIES = ("none",) + tuple(_POLICIES)
 
 
-def remat_policy(name: str):
-  """The jax.checkpoint policy of a remat policy name other than "none"."""
-  if name not in _POLICIES:
-    raise ValueError(f"Unknown remat_policy {name!r}; use one of {', '.join(REMAT_POLICIES)}.")
-  return _POLICIES[name]
-
-
 def stoch_depth_rates(stoch_depth: float, num_blocks: int) -> np.ndarray:
   """Per-block drop rates, rising linearly from 0 (first block) to `stoch_depth`
   (last), in float32: the same numbers whether the blocks are unrolled or scanned."""
@@ -56,34 +51,34 @@ def stoch_depth_rates(stoch_depth: float, num_blocks: int) -> np.ndarray:
                     np.float32)
 
 
-def run_blocks(block_class, x, *, prefix: str, num_blocks: int, train: bool,
-               stoch_depth: float = 0.0, scan: bool = False, remat: str = "none",
-               constrain=lambda x: x, **fields):
-  """`x` through `num_blocks` blocks `block_class(**fields)`, each called as
-  `block(x, train, drop_rate)`, inside the caller's compact method.
+def run_blocks(model, block_class, x, *, train: bool):
+  """`x` through `model.num_blocks` blocks `block_class`, each called as
+  `block(x, train, drop_rate)`, inside the model's compact method; the blocks take
+  their fields from the model by name (layers.inherited).
 
-  Unrolled, the blocks are `{prefix}_0` ... `{prefix}_{N-1}`; with `scan` one block
-  `{prefix}` runs N times under nn.scan over its stacked parameters. In training,
-  block i of N drops its residual branches at stoch_depth * i / (N - 1) (drop_rate
-  None: no stochastic depth). `remat` (a policy name other than "none") recomputes
-  each block's activations in the backward pass. `constrain` is applied to the
-  tokens entering each block (the models' `constrain` hook: state.py pins their batch
-  axis to the data axis). Every family's model runs its blocks through this loop.
+  Unrolled, the blocks are `{Block}_0` ... `{Block}_{N-1}` (the class's name); with
+  `model.scan` one block `{Block}` runs N times under nn.scan over its stacked
+  parameters. In training, block i of N drops its residual branches at
+  stoch_depth * i / (N - 1) (drop_rate None: no stochastic depth). A
+  `model.remat_policy` other than "none" recomputes each block's activations in the
+  backward pass. Every family's model runs its blocks through this loop.
   """
+  prefix, n, scan = block_class.__name__, model.num_blocks, model.scan
   block = block_class
-  if remat != "none":  # Under scan the loop itself keeps XLA from CSE.
-    block = nn.remat(block, policy=remat_policy(remat),
+  if model.remat_policy != "none":  # Under scan the loop itself keeps XLA from CSE.
+    block = nn.remat(block, policy=_POLICIES[model.remat_policy],
                      prevent_cse=not scan, static_argnums=(2,))
-  block = functools.partial(block, **fields)
-  rates = stoch_depth_rates(stoch_depth, num_blocks) if train and stoch_depth > 0.0 else None
+  block = functools.partial(block, **layers.inherited(model, block_class))
+  rates = (stoch_depth_rates(model.stoch_depth, n)
+           if train and model.stoch_depth > 0.0 else None)
   if scan:
-    body = lambda block, x, rate: (block(constrain(x), train, rate), None)
+    body = lambda block, x, rate: (block(x, train, rate), None)
     x, _ = nn.scan(body, variable_axes={"params": 0},
                    split_rngs={"params": True, "dropout": True},
-                   length=num_blocks)(block(name=prefix), x, rates)
+                   length=n)(block(name=prefix), x, rates)
     return x
-  for i in range(num_blocks):
-    x = block(name=f"{prefix}_{i}")(constrain(x), train, None if rates is None else rates[i])
+  for i in range(n):
+    x = block(name=f"{prefix}_{i}")(x, train, None if rates is None else rates[i])
   return x
 
 

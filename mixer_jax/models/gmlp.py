@@ -24,34 +24,27 @@ Beyond the paper, as for the Mixer (mixer.py): stochastic depth and dropout (aft
 GELU and after the block's output projection), a compute dtype (parameters stay
 float32, logits come out float32), per-block rematerialisation (`remat_policy`), and
 `scan` (the blocks under nn.scan, every block parameter stacked under `GMlpBlock`;
-blocks.py converts). `dot_general`, `conv_general_dilated` and `layer_norm` are the
-plain ops unless `models.create_model(..., kernels=...)` injects an equal, faster form.
+blocks.py converts).
 """
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
-from mixer_jax.models import blocks
-from mixer_jax.models.mixer import check_image_shape, drop_path
+from mixer_jax.models import blocks, layers
 
 
 class SpatialGatingUnit(nn.Module):
   """s(Z) = Z1 * (W LayerNorm(Z2) + b), W mixing the patches; Z: (batch, patches, e)."""
   dtype: Any = jnp.float32
-  dot_general: Callable = lax.dot_general
-  layer_norm: Callable = nn.LayerNorm
 
   @nn.compact
   def __call__(self, z):
     z1, z2 = jnp.split(z, 2, axis=-1)
-    z2 = self.layer_norm(epsilon=1e-5, dtype=self.dtype, name="LayerNorm_0")(z2)
+    z2 = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="LayerNorm_0")(z2)
     # W near zero and b = 1: the gate starts open, s(Z) ~ Z1 (paper Section 2).
-    gate = nn.Dense(z.shape[1], dtype=self.dtype, dot_general=self.dot_general,
-                    kernel_init=nn.initializers.normal(1e-6),
+    gate = nn.Dense(z.shape[1], dtype=self.dtype, kernel_init=nn.initializers.normal(1e-6),
                     bias_init=nn.initializers.ones, name="spatial_proj")(jnp.swapaxes(z2, 1, 2))
     return z1 * jnp.swapaxes(gate, 1, 2)
 
@@ -62,25 +55,19 @@ class GMlpBlock(nn.Module):
   channels_mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
-  dot_general: Callable = lax.dot_general
-  layer_norm: Callable = nn.LayerNorm
   approximate_gelu: bool = False
 
   # Positional `train`: nn.remat marks it static (argument 2, counting self).
   @nn.compact
   def __call__(self, x, train: bool = False, drop_rate=None):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=self.dot_general)
-    y = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
-    y = nn.gelu(dense(self.channels_mlp_dim, name="channel_proj_in")(y),
-                approximate=self.approximate_gelu)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
+    y = nn.Dense(self.channels_mlp_dim, dtype=self.dtype, name="channel_proj_in")(y)
+    y = nn.gelu(y, approximate=self.approximate_gelu)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = SpatialGatingUnit(self.dtype, self.dot_general, self.layer_norm,
-                          name="spatial_gating")(y)
-    y = dense(x.shape[-1], name="channel_proj_out")(y)
+    y = SpatialGatingUnit(self.dtype, name="spatial_gating")(y)
+    y = nn.Dense(x.shape[-1], dtype=self.dtype, name="channel_proj_out")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    if train and drop_rate is not None:
-      y = drop_path(y, drop_rate, self.make_rng("dropout"))
-    return x + y
+    return layers.residual(self, x, y, train, drop_rate)
 
 
 class GMLP(nn.Module):
@@ -108,36 +95,12 @@ class GMLP(nn.Module):
   head_bias_init: float = 0.0
   remat_policy: str = "none"
   scan: bool = False
-  dot_general: Callable = lax.dot_general
-  conv_general_dilated: Callable = lax.conv_general_dilated
-  layer_norm: Callable = nn.LayerNorm
-  # Applied to the tokens entering each block: identity here; state.py pins their batch
-  # axis to the data axis (sharding.batch_constraint), as for the Mixer.
-  constrain: Callable = lambda x: x
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
-    check_image_shape(images.shape, self.patch_size)
-    if self.channels_mlp_dim % 2:
-      raise ValueError(f"gMLP's channels_mlp_dim={self.channels_mlp_dim} must be even: the "
-                       "spatial gating unit splits it in two halves.")
-    p = self.patch_size
-    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                conv_general_dilated=self.conv_general_dilated, name="stem")(images)
-    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Patches in row-major raster order.
-    x = blocks.run_blocks(
-        GMlpBlock, x, prefix="GMlpBlock", num_blocks=self.num_blocks, train=train,
-        stoch_depth=self.stoch_depth, scan=self.scan, remat=self.remat_policy,
-        constrain=self.constrain,
-        channels_mlp_dim=self.channels_mlp_dim, dropout=self.dropout, dtype=self.dtype,
-        dot_general=self.dot_general, layer_norm=self.layer_norm,
-        approximate_gelu=self.approximate_gelu)
-    x = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
+    x = layers.stem(images, self.patch_size, self.hidden_dim, self.dtype)
+    x = blocks.run_blocks(self, GMlpBlock, x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
     if return_tokens:
       return x.astype(jnp.float32)
-    x = jnp.mean(x, axis=1)
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=self.dot_general,
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.head(x, self.num_classes, self.dtype, self.head_bias_init)

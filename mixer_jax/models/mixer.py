@@ -20,54 +20,17 @@ Beyond the paper: stochastic depth and dropout for training, a compute dtype
 (`remat_policy`), and `scan`: the N blocks run as one block under `nn.scan` (one
 traced block instead of N: faster compiles), with every block parameter stacked on a
 leading block axis under `MixerBlock` (`blocks.py` converts between that and the
-released layout). `dot_general`, `conv_general_dilated` and `activation` are the
-plain ops, and `layer_norm` and `mlp_block` the plain modules (nn.LayerNorm, MlpBlock),
-unless `models.create_model(..., kernels=...)` injects an equal, faster form from
-`mixer_jax/kernels/` (the same parameters).
+released layout). The model hands its fields to the blocks, and a block to its MLPs,
+by name (`layers.inherit`).
 """
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
-from mixer_jax.models import blocks
-
-
-def gelu(x):
-  """The released models' GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-  return nn.gelu(x, approximate=True)
-
-
-def drop_path(x, rate: float, rng) -> jax.Array:
-  """Stochastic depth: zero a residual branch per example, rescale the kept ones.
-
-  Kept branches are divided by the survival probability (1 - rate), as in timm's
-  DropPath and big_vision, so evaluation needs no rescaling.
-  """
-  keep = 1.0 - rate  # A number, or a float32 array under scan: x keeps its dtype.
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
-
-
-class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense back to the input width, over the last axis."""
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  dot_general: Callable = lax.dot_general
-  activation: Callable = gelu
-
-  @nn.compact
-  def __call__(self, x, *, train: bool = False):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=self.dot_general)
-    y = self.activation(dense(self.mlp_dim)(x))
-    y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = dense(x.shape[-1])(y)
-    return nn.Dropout(self.dropout, deterministic=not train)(y)
+from mixer_jax.models import blocks, layers
+from mixer_jax.models.layers import MlpBlock
 
 
 class MixerBlock(nn.Module):
@@ -80,34 +43,27 @@ class MixerBlock(nn.Module):
   channels_mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
-  dot_general: Callable = lax.dot_general
-  activation: Callable = gelu
-  layer_norm: Callable = nn.LayerNorm
-  mlp_block: Callable = MlpBlock
-
-  def _residual(self, x, branch, train, drop_rate):
-    if train and drop_rate is not None:
-      branch = drop_path(branch, drop_rate, self.make_rng("dropout"))
-    return x + branch
 
   # Positional `train`: nn.remat marks it static (argument 2, counting self).
   @nn.compact
   def __call__(self, x, train: bool = False, drop_rate=None):
-    mlp = functools.partial(self.mlp_block, dropout=self.dropout, dtype=self.dtype,
-                            dot_general=self.dot_general, activation=self.activation)
-    y = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
     y = jnp.swapaxes(y, 1, 2)
-    y = mlp(self.tokens_mlp_dim, name="token_mixing")(y, train=train)
-    x = self._residual(x, jnp.swapaxes(y, 1, 2), train, drop_rate)
-    y = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(x)
-    y = mlp(self.channels_mlp_dim, name="channel_mixing")(y, train=train)
-    return self._residual(x, y, train, drop_rate)
+    y = layers.inherit(self, MlpBlock, mlp_dim=self.tokens_mlp_dim, name="token_mixing")(
+        y, train=train)
+    x = layers.residual(self, x, jnp.swapaxes(y, 1, 2), train, drop_rate)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_1")(x)
+    y = layers.inherit(self, MlpBlock, mlp_dim=self.channels_mlp_dim, name="channel_mixing")(
+        y, train=train)
+    return layers.residual(self, x, y, train, drop_rate)
 
 
 class MlpMixer(nn.Module):
   """The paper's MLP-Mixer. Inputs: NHWC images scaled to [-1, 1].
 
   Attributes:
+    patch_size, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim: P, N, C,
+      D_S and D_C of the paper's Table 1.
     num_classes: head width; 0 or None returns the pooled pre-logits (B, C).
     stoch_depth: drop rate of the LAST block; block i of N uses stoch_depth * i / (N - 1).
     dropout: dropout rate after each GELU and after each MLP's output.
@@ -131,48 +87,14 @@ class MlpMixer(nn.Module):
   head_bias_init: float = 0.0
   remat_policy: str = "none"
   scan: bool = False
-  dot_general: Callable = lax.dot_general
-  conv_general_dilated: Callable = lax.conv_general_dilated
-  activation: Callable = gelu
-  layer_norm: Callable = nn.LayerNorm
-  mlp_block: Callable = MlpBlock
-  # Applied to the tokens entering each block: identity here; the trainer pins their
-  # batch axis to the devices' data axis (sharding.batch_constraint), which keeps a
-  # scanned, fsdp-sharded model data-parallel inside the loop.
-  constrain: Callable = lambda x: x
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
-    check_image_shape(images.shape, self.patch_size)
-    p = self.patch_size
-    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                conv_general_dilated=self.conv_general_dilated, name="stem")(images)
-    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Tokens in row-major raster order.
+    x = layers.stem(images, self.patch_size, self.hidden_dim, self.dtype)
     # N blocks (one looped N times under scan); block i of N drops its residual
     # branches at stoch_depth * i / (N - 1) in training (blocks.py).
-    x = blocks.run_blocks(
-        MixerBlock, x, prefix="MixerBlock", num_blocks=self.num_blocks, train=train,
-        stoch_depth=self.stoch_depth, scan=self.scan, remat=self.remat_policy,
-        constrain=self.constrain, tokens_mlp_dim=self.tokens_mlp_dim,
-        channels_mlp_dim=self.channels_mlp_dim, dropout=self.dropout, dtype=self.dtype,
-        dot_general=self.dot_general, activation=self.activation,
-        layer_norm=self.layer_norm, mlp_block=self.mlp_block)
-    x = self.layer_norm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
+    x = blocks.run_blocks(self, MixerBlock, x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
     if return_tokens:
       return x.astype(jnp.float32)
-    x = jnp.mean(x, axis=1)
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=self.dot_general,
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
-    return x.astype(jnp.float32)
-
-
-def check_image_shape(shape, patch_size):
-  if len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f"Images must be NHWC with 3 channels, got shape {tuple(shape)}.")
-  for side in shape[1:3]:
-    if side % patch_size:
-      raise ValueError(
-          f"Image side {side} is not divisible by the patch size {patch_size}; use an image "
-          f"size that is a multiple of {patch_size} (e.g. {patch_size * max(side // patch_size, 1)}).")
+    return layers.head(x, self.num_classes, self.dtype, self.head_bias_init)

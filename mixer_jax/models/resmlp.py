@@ -26,20 +26,17 @@ Affine_1, channel_mixing/Dense_{0,1}, LayerScale_1}`, `pre_head_affine`, `head`
 Beyond the paper, as for the Mixer (mixer.py): stochastic depth and dropout for
 training, a compute dtype (parameters stay float32, logits come out float32),
 per-block rematerialisation (`remat_policy`), and `scan` (the blocks under nn.scan,
-every block parameter stacked under `ResMlpBlock`; blocks.py converts). `dot_general`
-and `conv_general_dilated` are the plain ops unless `models.create_model(...,
-kernels=...)` injects an equal, faster form.
+every block parameter stacked under `ResMlpBlock`; blocks.py converts).
 """
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
-from mixer_jax.models import blocks
-from mixer_jax.models.mixer import MlpBlock, check_image_shape, drop_path
+from mixer_jax.models import blocks, layers
+from mixer_jax.models.layers import MlpBlock
 
 
 class Affine(nn.Module):
@@ -75,13 +72,7 @@ class ResMlpBlock(nn.Module):
   layerscale_init: float
   dropout: float = 0.0
   dtype: Any = jnp.float32
-  dot_general: Callable = lax.dot_general
   approximate_gelu: bool = False
-
-  def _residual(self, x, branch, train, drop_rate):
-    if train and drop_rate is not None:
-      branch = drop_path(branch, drop_rate, self.make_rng("dropout"))
-    return x + branch
 
   # Positional `train`: nn.remat marks it static (argument 2, counting self).
   @nn.compact
@@ -89,16 +80,14 @@ class ResMlpBlock(nn.Module):
     scale = functools.partial(LayerScale, self.layerscale_init, dtype=self.dtype)
     # Linear sublayer: one N x N layer mixing the patches, per channel.
     y = jnp.swapaxes(Affine(self.dtype, name="Affine_0")(x), 1, 2)
-    y = nn.Dense(x.shape[1], dtype=self.dtype, dot_general=self.dot_general,
-                 name="token_mixing")(y)
-    x = self._residual(x, scale(name="LayerScale_0")(jnp.swapaxes(y, 1, 2)), train, drop_rate)
-    # Feedforward sublayer: the channel MLP, per patch.
+    y = nn.Dense(x.shape[1], dtype=self.dtype, name="token_mixing")(y)
+    x = layers.residual(self, x, scale(name="LayerScale_0")(jnp.swapaxes(y, 1, 2)), train,
+                        drop_rate)
+    # Feedforward sublayer: the channel MLP of width channels_mlp_dim, per patch.
     y = Affine(self.dtype, name="Affine_1")(x)
-    y = MlpBlock(self.channels_mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                 dot_general=self.dot_general,
-                 activation=functools.partial(nn.gelu, approximate=self.approximate_gelu),
-                 name="channel_mixing")(y, train=train)
-    return self._residual(x, scale(name="LayerScale_1")(y), train, drop_rate)
+    y = layers.inherit(self, MlpBlock, mlp_dim=self.channels_mlp_dim,
+                       name="channel_mixing")(y, train=train)
+    return layers.residual(self, x, scale(name="LayerScale_1")(y), train, drop_rate)
 
 
 class ResMLP(nn.Module):
@@ -127,32 +116,12 @@ class ResMLP(nn.Module):
   head_bias_init: float = 0.0
   remat_policy: str = "none"
   scan: bool = False
-  dot_general: Callable = lax.dot_general
-  conv_general_dilated: Callable = lax.conv_general_dilated
-  # Applied to the tokens entering each block: identity here; state.py pins their batch
-  # axis to the data axis (sharding.batch_constraint), as for the Mixer.
-  constrain: Callable = lambda x: x
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_tokens: bool = False):
-    check_image_shape(images.shape, self.patch_size)
-    p = self.patch_size
-    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                conv_general_dilated=self.conv_general_dilated, name="stem")(images)
-    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))  # Patches in row-major raster order.
-    x = blocks.run_blocks(
-        ResMlpBlock, x, prefix="ResMlpBlock", num_blocks=self.num_blocks, train=train,
-        stoch_depth=self.stoch_depth, scan=self.scan, remat=self.remat_policy,
-        constrain=self.constrain,
-        channels_mlp_dim=self.channels_mlp_dim, layerscale_init=self.layerscale_init,
-        dropout=self.dropout, dtype=self.dtype, dot_general=self.dot_general,
-        approximate_gelu=self.approximate_gelu)
+    x = layers.stem(images, self.patch_size, self.hidden_dim, self.dtype)
+    x = blocks.run_blocks(self, ResMlpBlock, x, train=train)
     x = Affine(self.dtype, name="pre_head_affine")(x)
     if return_tokens:
       return x.astype(jnp.float32)
-    x = jnp.mean(x, axis=1)
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=self.dot_general,
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.head(x, self.num_classes, self.dtype, self.head_bias_init)

@@ -123,8 +123,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   if args.stoch_depth >= 1:
     raise ConfigError(f"--stoch_depth={args.stoch_depth} must be in [0, 1).")
   # The model is checked now (variant name, patch divisibility), before anything compiles.
-  from mixer_jax import models
-  patch = models.variant_sizes(args.variant)["patch_size"]
+  try:
+    patch = models.preset(args.variant)[1]["patch_size"]
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if args.image_size % patch:
     raise ConfigError(f"--image_size={args.image_size} is not divisible by the patch "
                          f"size {patch} of {args.variant}; use a multiple of {patch}.")
@@ -205,20 +207,26 @@ def model_overrides(args) -> Dict[str, int]:
 
 
 def run_config(args) -> types.SimpleNamespace:
-  """The config fields state.Setup reads: the plain step (the same work as timm's)
-  unless --mixup_alpha/--stoch_depth ask for the recipe's."""
+  """The config fields state.Setup reads (resolved: state.resolve_model): the plain
+  step (the same work as timm's) unless --mixup_alpha/--stoch_depth ask for the
+  recipe's."""
+  from mixer_jax import state
   model = types.SimpleNamespace(
-      variant=args.variant, patch_size=0, num_blocks=args.num_blocks,
-      hidden_dim=args.hidden_dim, tokens_mlp_dim=args.tokens_mlp_dim,
-      channels_mlp_dim=args.channels_mlp_dim, stoch_depth=args.stoch_depth, dropout=0.0,
+      variant=args.variant, family=None, name=None, patch_size=None,
+      num_blocks=args.num_blocks or None, hidden_dim=args.hidden_dim or None,
+      tokens_mlp_dim=args.tokens_mlp_dim or None,
+      channels_mlp_dim=args.channels_mlp_dim or None, layerscale_init=None,
+      approximate_gelu=None, stoch_depth=args.stoch_depth, dropout=0.0,
       remat_policy=args.remat_policy, scan=args.scan, kernels=args.kernels)
-  return types.SimpleNamespace(
+  config = types.SimpleNamespace(
       model=model, dtype=args.dtype, head_bias_init=0.0, image_size=args.image_size,
       seed=0, sharding="replicate", fsdp_min_size=2 ** 16, mesh_model=1,
       optimizer="adam", learning_rate=1e-3, warmup_steps=100, lr_decay="linear",
       end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
       weight_decay=args.weight_decay, grad_clip_norm=1.0, label_smoothing=0.0,
       mixup_alpha=args.mixup_alpha, loss="softmax", grad_accum_steps=1, nonfinite="stop")
+  state.resolve_model(config)
+  return config
 
 
 def random_batch(args):

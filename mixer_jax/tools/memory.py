@@ -187,8 +187,9 @@ def run(config, num_devices: int, num_classes: int, strategies, remat_policies=(
       raise errors.ConfigError(f"Unknown remat policy {policy!r} in --remat_policies; use "
                                    f"{', '.join(models.REMAT_POLICIES)}.")
   mesh = sharding.make_mesh(config.mesh_model)
+  state.resolve_model(config)
   num_params = build(config, num_classes, strategies[0], mesh).num_params
-  header = {"variant": config.model.variant, "num_params": num_params,
+  header = {"variant": config.model.name, "num_params": num_params,
             "image_size": config.image_size, "num_classes": num_classes,
             "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
             "per_device_batch": config.batch_size // mesh.shape[sharding.DATA],

@@ -42,7 +42,8 @@ def forward_flops(model, image_size: int) -> float:
 
 
 def summarize(variant: str, image_size: int, num_classes: int):
-  model = models.create_model(variant, num_classes)
+  family, fields = models.preset(variant)
+  model = models.create_model(family.name, num_classes, **fields)
   shapes = weights.flatten(models.param_shapes(model, image_size))
   rows = [(k, tuple(v.shape), int(v.size)) for k, v in shapes.items()]
   return model, rows
