@@ -61,17 +61,22 @@ def saved_steps(workdir: str):
 def read_params(workdir: str, step: Optional[int] = None):
   """The parameters (numpy, in the layout stored) of a workdir's newest readable step,
   or of `step`; read via this process's first device, so from any topology."""
+  from etils import epath
   import orbax.checkpoint as ocp
   directory, unreadable = os.path.join(workdir, CHECKPOINT_DIR), []
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for step in reversed(saved_steps(workdir) if step is None else [step]):
     try:
-      with ocp.StandardCheckpointer() as checkpointer:
-        params_dir = os.path.join(directory, str(step), "params")
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            checkpointer.metadata(params_dir).item_metadata)
-        return jax.tree_util.tree_map(np.asarray, checkpointer.restore(params_dir, target))
+      # The item's own handler: `params` is one item of a step saved by the
+      # CheckpointManager, whose step metadata sits one level up (a StandardCheckpointer
+      # pointed at the item would warn that its own metadata file is missing).
+      handler = ocp.StandardCheckpointHandler()
+      params_dir = epath.Path(os.path.join(directory, str(step), "params"))
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          handler.metadata(params_dir))
+      restored = handler.restore(params_dir, args=ocp.args.StandardRestore(target))
+      return jax.tree_util.tree_map(np.asarray, restored)
     except Exception as e:  # A truncated or corrupted step: try the previous one.
       logging.warning("Checkpoint step %d in %s is unreadable (%s); trying an earlier one.",
                       step, directory, e)

@@ -328,7 +328,7 @@ def _run():
 def main(argv):
   host_memory.keep_freed_memory()  # Before JAX starts its threads (host_memory.py).
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.usage(f"Unexpected arguments: {' '.join(argv[1:])}")
   errors.run_guarded(_run, FLAGS.traceback)
 
 

@@ -79,6 +79,9 @@ class PreemptionWatcher:
 
 
 def prepare_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.WorkdirError(f"Workdir {workdir} is a file, not a directory; choose another "
+                              "--workdir (or move the file away).")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")

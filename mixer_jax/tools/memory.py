@@ -202,9 +202,9 @@ def run(config, num_devices: int, num_classes: int, strategies, remat_policies=(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.usage(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None or not FLAGS.num_devices or FLAGS.num_devices < 1:
-    raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --num_devices=N (N >= 1).")
+    raise errors.usage("Pass --config=CONFIG_FILE[:ARG] and --num_devices=N (N >= 1).")
   ensure_devices(FLAGS.num_devices, sys.argv)
   config = FLAGS.config
   num_classes = FLAGS.num_classes or config.num_classes or 1000
@@ -220,4 +220,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)
