@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from mixer_jax import checkpoint
+from mixer_jax import device_memory
 from mixer_jax import errors
 from mixer_jax import evaluator as evaluator_lib  # the loop names its instance `evaluator`
 from mixer_jax import input_pipeline
@@ -115,6 +116,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
     source = input_pipeline.get_source(config)
     info = input_pipeline.dataset_info(source, [config.train_split, config.eval_split])
     input_pipeline.describe_splits(source, info, config)  # Counts; one class is refused.
+    input_pipeline.check_image_size(source, config)  # Fixed-size images vs image_size.
     num_classes = config.num_classes or info.num_classes
     if num_classes < info.num_classes:
       raise errors.ConfigError(
@@ -136,6 +138,8 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
                   class_names=info.class_names, dataset=info.name,
                   variant=config.model.variant)
     run.check_model(record)
+    # Compiled before any state is placed: a step that cannot fit is one sentence.
+    train_step = device_memory.compiled_train_step(setup, config.batch_size)
 
     # --- Train state: restored, or fresh (with init_from merged in) ---------------
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, setup.shardings)
@@ -159,7 +163,6 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
                                                    start_step))
 
     # --- Compiled steps -----------------------------------------------------------
-    train_step = setup.train_step()
     evaluator = evaluator_lib.Evaluator(setup.eval_step(), config, source, config.eval_split,
                                      num_classes, mesh, eval_batch)
 
