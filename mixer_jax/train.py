@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
     setup = state_lib.Setup(config, num_classes, total_steps, fields=fields, mesh=mesh)
     record = dict(model=fields, num_classes=num_classes, image_size=config.image_size,
                   class_names=info.class_names, dataset=info.name,
-                  variant=config.model.variant)
+                  variant=config.model.variant, split_sizes=info.num_examples)
     run.check_model(record)
     # Compiled before any state is placed: a step that cannot fit is one sentence.
     train_step = device_memory.compiled_train_step(setup, config.batch_size)

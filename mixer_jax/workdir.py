@@ -135,6 +135,20 @@ def check_same_model(workdir: str, record: Dict[str, Any]) -> None:
       raise errors.WorkdirError(
           f"Workdir {workdir} holds checkpoints of a different model ({key}={old.get(key)} "
           f"there, {record.get(key)} now); use a new --workdir or the original config.")
+  warn_moved_splits(workdir, old.get("split_sizes"), record.get("split_sizes"))
+
+
+def warn_moved_splits(workdir: str, old, new) -> None:
+  """Files added to or removed from a dataset between starts move its split boundaries
+  (`train[:75%]`) and the training order: said, with both counts, not refused."""
+  for split, count in sorted((new or {}).items()):
+    before = (old or {}).get(split)
+    if before is not None and before != count:
+      logging.warning(
+          "Split %s held %d images when workdir %s was last started and holds %d now (files "
+          "were added or removed); the resumed run reads the new split, so its examples "
+          "and their order from here on differ from the recorded run's.",
+          split, before, workdir, count)
 
 
 class Session:
