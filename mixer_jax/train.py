@@ -116,7 +116,6 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
     source = input_pipeline.get_source(config)
     info = input_pipeline.dataset_info(source, [config.train_split, config.eval_split])
     input_pipeline.describe_splits(source, info, config)  # Counts; one class is refused.
-    input_pipeline.check_image_size(source, config)  # Fixed-size images vs image_size.
     num_classes = config.num_classes or info.num_classes
     if num_classes < info.num_classes:
       raise errors.ConfigError(
@@ -138,6 +137,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=()) -> Dict[str, flo
                   class_names=info.class_names, dataset=info.name,
                   variant=config.model.variant, split_sizes=info.num_examples)
     run.check_model(record)
+    input_pipeline.check_image_size(source, config)  # Fixed-size images vs image_size.
     # Compiled before any state is placed: a step that cannot fit is one sentence.
     train_step = device_memory.compiled_train_step(setup, config.batch_size)
 
