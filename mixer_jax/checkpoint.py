@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -69,12 +70,16 @@ def read_params(workdir: str, step: Optional[int] = None):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for step in reversed(saved_steps(workdir) if step is None else [step]):
     try:
-      with ocp.StandardCheckpointer() as checkpointer:
-        params_dir = os.path.join(directory, str(step), "params")
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            checkpointer.metadata(params_dir).item_metadata)
-        return jax.tree_util.tree_map(np.asarray, checkpointer.restore(params_dir, target))
+      # The item's own handler: `params` is one item of a step saved by the
+      # CheckpointManager, whose step metadata sits one level up (a StandardCheckpointer
+      # pointed at the item would warn that its own metadata file is missing).
+      handler = ocp.StandardCheckpointHandler()
+      params_dir = epath.Path(os.path.join(directory, str(step), "params"))
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          handler.metadata(params_dir))
+      restored = handler.restore(params_dir, args=ocp.args.StandardRestore(target))
+      return jax.tree_util.tree_map(np.asarray, restored)
     except Exception as e:  # A truncated or corrupted step: try the previous one.
       logging.warning("Checkpoint step %d in %s is unreadable (%s); trying an earlier one.",
                       step, directory, e)

@@ -17,9 +17,11 @@ points turn them into an exit code, so nothing in the library calls sys.exit.
 """
 
 import difflib
+import os
 import re
 import sys
 
+from absl import app
 from absl import flags
 
 
@@ -80,6 +82,12 @@ def exit_on_ctrl_c(message: str, cleanup=None):
   signal.signal(signal.SIGINT, handler)
 
 
+def usage(message: str) -> app.UsageError:
+  """A command-line usage error: absl prints `message` with the flags' help and exits 2
+  (absl's own default is 1)."""
+  return app.UsageError(message, exitcode=USER_ERROR)
+
+
 def run_guarded(fn, show_traceback: bool = False):
   try:
     return fn()
@@ -119,11 +127,52 @@ def parse_flags(argv):
     sys.exit(USER_ERROR)
 
 
+def _config_path(argv) -> str:
+  """The file of `--config=PATH[:ARG]` (or `--config PATH`) in argv; "" if none."""
+  for i, arg in enumerate(argv):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is not None:
+      return value.split(":", 1)[0]
+  return ""
+
+
+def _config_file_sentence(chain, path: str):
+  """A config file that is missing, does not parse or raises while it runs: one
+  sentence naming the file (and line). None if the error is not the file's."""
+  if not path:
+    return None
+  real = os.path.realpath(path)
+  for e in chain:
+    if isinstance(e, SyntaxError) and e.lineno:
+      return (f"Config file {path} has a syntax error at line {e.lineno} ({e.msg}); fix "
+              "it and run again.")
+  for e in chain:
+    if isinstance(e, ValueError):
+      continue  # A config file's own sentence (e.g. an unknown variant) is kept as is.
+    tb, line = e.__traceback__, None
+    while tb is not None:
+      if os.path.realpath(tb.tb_frame.f_code.co_filename) == real:
+        line = tb.tb_lineno
+      tb = tb.tb_next
+    if line is not None:
+      return (f"Config file {path} raises {type(e).__name__} at line {line} ({e}); fix "
+              "it and run again.")
+  if not os.path.isfile(path) and any(isinstance(e, OSError) for e in chain):
+    reason = "it is a directory" if os.path.isdir(path) else "no such file"
+    return (f"Config file {path} cannot be loaded ({reason}); pass --config=PATH[:ARG] "
+            "with an existing file such as configs/default.py.")
+  return None
+
+
 def _flag_error_sentence(error: BaseException, argv) -> str:
   chain, e = [], error
   while e is not None and len(chain) < 10:
     chain.append(e)
     e = e.__cause__ or e.__context__
+  sentence = _config_file_sentence(chain, _config_path(argv))
+  if sentence:
+    return sentence
   text = " ".join(str(e) for e in chain)
   for e in chain:
     if isinstance(e, (KeyError, AttributeError)):

@@ -329,7 +329,7 @@ def _run():
 def main(argv):
   host_memory.keep_freed_memory()  # Before JAX starts its threads (host_memory.py).
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.usage(f"Unexpected arguments: {' '.join(argv[1:])}")
   errors.exit_on_ctrl_c("nothing written (the metrics and --output are written at the "
                         "end); the checkpoint is unchanged.")
   errors.run_guarded(_run, FLAGS.traceback)

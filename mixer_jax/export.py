@@ -180,6 +180,9 @@ def export(checkpoint_path: str, fmt: str, output: str, overwrite: bool = False
   tmp = f"{output}.tmp-{os.getpid()}"
   try:
     save_file(tensors, tmp, metadata=metadata)
+    # safetensors creates its file private (0600); give it a normal file's mode, as the
+    # .npz gets (0666 less the umask).
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, output)
   except Exception as e:  # OSError, or safetensors' own error on a full disk.
     raise errors.CheckpointError(
@@ -189,6 +192,12 @@ def export(checkpoint_path: str, fmt: str, output: str, overwrite: bool = False
     if os.path.exists(tmp):  # No partial file left behind.
       os.remove(tmp)
   return info
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 FLAGS = flags.FLAGS
@@ -230,4 +239,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

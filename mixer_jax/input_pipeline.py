@@ -121,6 +121,12 @@ class _TfdsSource:
   def local_size(self, split: str, index: int, count: int) -> int:
     return self.split_size(self.process_split(split, index, count))
 
+  def image_shape(self, split: str) -> Optional[Tuple[int, int]]:
+    """(height, width) of every image if the dataset declares one fixed size, else None."""
+    del split
+    shape = tuple(self.builder.info.features["image"].shape or ())
+    return shape[:2] if len(shape) == 3 and None not in shape[:2] else None
+
   def split_labels(self, split: str) -> Optional[np.ndarray]:
     """None: a TFDS split's labels are known only by reading all of it."""
     del split
@@ -167,6 +173,16 @@ class _FolderSource:
   def local_size(self, split: str, index: int, count: int) -> int:
     n = self.split_size(split)
     return len(range(index, n, count))
+
+  def image_shape(self, split: str) -> Optional[Tuple[int, int]]:
+    """(height, width) of the split's first image (from its header), the size the
+    folder's images are taken to share; None if it has none or PIL cannot tell."""
+    items = self.source.split(split)
+    if not items:
+      return None
+    with open(items[0][0], "rb") as f:
+      size = decode.pixel_size(f.read())
+    return None if size is None else (size[1], size[0])
 
   def split_labels(self, split: str) -> Optional[np.ndarray]:
     return np.asarray([label for _, label in self.source.split(split)], np.int64)
@@ -345,6 +361,24 @@ def describe_splits(source, info: DatasetInfo, config) -> None:
         fix = "use a dataset of at least two classes"
       raise errors.DataError(f"Training split {split!r} of dataset {info.name} holds images of "
                              f"only one class, from which a classifier learns nothing; {fix}.")
+
+
+def check_image_size(source, config) -> None:
+  """train_crop "pad" and "none" take the training images as they are (no resize): a
+  dataset of another fixed size is refused here, before anything is compiled, rather
+  than by tf.ensure_shape inside the first batch."""
+  if config.train_crop not in ("pad", "none"):
+    return
+  shape = source.image_shape(config.train_split)
+  size = config.image_size
+  if shape is None or tuple(shape) == (size, size):
+    return
+  height, width = shape
+  same = f"--config.image_size={height} or " if height == width else ""
+  raise errors.DataError(
+      f"config.image_size={size} but dataset {source.name} has {height} x {width} images, "
+      f"which config.train_crop={config.train_crop!r} uses as they are (no resize); use "
+      f"{same}--config.train_crop=resize (or inception) to resize them.")
 
 
 # ----------------------------------------------------------------- preprocessing

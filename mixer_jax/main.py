@@ -74,9 +74,9 @@ def main(argv):
   host_memory.keep_freed_memory()  # Before JAX starts its threads (host_memory.py).
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.usage(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None or not FLAGS.workdir:
-    raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --workdir=DIR.")
+    raise errors.usage("Pass --config=CONFIG_FILE[:ARG] and --workdir=DIR.")
   errors.require_config(FLAGS.config, FLAGS["config"].config_filename)
   errors.require_known_keys(FLAGS.config, common.base_config(),
                             FLAGS["config"].config_filename)

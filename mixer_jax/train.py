@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from mixer_jax import checkpoint
+from mixer_jax import device_memory
 from mixer_jax import errors
 from mixer_jax import evaluator as evaluator_lib  # the loop names its instance `evaluator`
 from mixer_jax import input_pipeline
@@ -103,8 +104,12 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
     setup = state_lib.Setup(config, num_classes, total_steps, fields=fields, mesh=mesh)
     record = dict(model=fields, num_classes=num_classes, image_size=config.image_size,
                   class_names=info.class_names, dataset=info.name,
-                  family=config.model.family, variant=config.model.name)
+                  family=config.model.family, variant=config.model.name,
+                  split_sizes=info.num_examples)
     run.check_model(record)
+    input_pipeline.check_image_size(source, config)  # Fixed-size images vs image_size.
+    # Compiled before any state is placed: a step that cannot fit is one sentence.
+    train_step = device_memory.compiled_train_step(setup, config.batch_size)
 
     # --- Train state: restored, or fresh (with init_from merged in) ---------------
     # Each checkpoint carries the run's config: its identity without config.json.
@@ -137,7 +142,6 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
                                                    start_step))
 
     # --- Compiled steps -----------------------------------------------------------
-    train_step = setup.train_step()
     evaluator = evaluator_lib.Evaluator(setup.eval_step(), config, source, config.eval_split,
                                      num_classes, mesh, eval_batch)
 

@@ -98,6 +98,9 @@ class PreemptionWatcher:
 
 
 def prepare_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.WorkdirError(f"Workdir {workdir} is a file, not a directory; choose another "
+                              "--workdir (or move the file away).")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
@@ -192,6 +195,20 @@ def check_same_model(workdir: str, record: Dict[str, Any]) -> None:
       raise errors.WorkdirError(
           f"Workdir {workdir} holds checkpoints of a different model ({key}={old.get(key)} "
           f"there, {record.get(key)} now); use a new --workdir or the original config.")
+  warn_moved_splits(workdir, old.get("split_sizes"), record.get("split_sizes"))
+
+
+def warn_moved_splits(workdir: str, old, new) -> None:
+  """Files added to or removed from a dataset between starts move its split boundaries
+  (`train[:75%]`) and the training order: said, with both counts, not refused."""
+  for split, count in sorted((new or {}).items()):
+    before = (old or {}).get(split)
+    if before is not None and before != count:
+      logging.warning(
+          "Split %s held %d images when workdir %s was last started and holds %d now (files "
+          "were added or removed); the resumed run reads the new split, so its examples "
+          "and their order from here on differ from the recorded run's.",
+          split, before, workdir, count)
 
 
 def check_fresh_start(workdir: str, ckpts: checkpoint.TrainCheckpoints, accept,

@@ -153,3 +153,17 @@ def test_init_from_a_released_npz_into_a_scanned_model(tmp_path, setups, scanned
     for k in pre:
       want = want_head[k] if k.startswith("head/") else pre[k]
       np.testing.assert_array_equal(params[k], want, err_msg=k)
+
+
+def test_reading_a_steps_params_warns_about_nothing(tmp_path, setups, caplog):
+  # Evaluate, predict and export read one item of a step: no orbax warning about the
+  # step's metadata file, which sits one level up.
+  setup = setups[False]
+  train_state = setup.init_state()
+  ckpts = checkpoint.TrainCheckpoints(str(tmp_path), 3, setup.shardings)
+  ckpts.save(2, train_state)
+  ckpts.close()
+  caplog.set_level(logging.INFO)
+  params = checkpoint.read_params(str(tmp_path))
+  np.testing.assert_array_equal(params["stem"]["kernel"], train_state["params"]["stem"]["kernel"])
+  assert "Metadata file does not exist" not in caplog.text

@@ -568,3 +568,22 @@ def test_the_table_prepares_ours_and_refuses_the_rest_in_one_sentence(tmp_path):
   with pytest.raises(errors.DataError, match=r"ILSVRC2012_img_val.tar in the manual dir .*, "
                      f"here {tmp_path}/downloads/manual, and run again."):
     registry.prepare(_Unprepared(str(where)), 'imagenet2012:5.1.0')
+
+
+def test_decompression_bomb_is_too_large_not_unreadable(tmp_path):
+  # A 20000 x 20000 PNG of 48 KB: refused from its header, in the folder scan and in
+  # predict's decode alike, as too large, before anything decodes it.
+  from mixer_jax.datasets import decode
+  os.makedirs(tmp_path / "a")
+  os.makedirs(tmp_path / "b")
+  bomb = str(tmp_path / "a" / "bomb.png")
+  Image.new("1", (20000, 20000)).save(bomb)
+  for c in "ab":
+    Image.new("RGB", (8, 8)).save(str(tmp_path / c / "ok.png"))
+  assert folder.check_image(bomb) == ("is too large",
+                                      "20000 x 20000 pixels, more than 178,956,970")
+  with pytest.raises(ValueError, match=r"Image file .*bomb.png is too large \(20000 x 20000 "
+                     r"pixels, more than 178,956,970\); remove it or set"):
+    FolderSource(str(tmp_path))
+  with pytest.raises(ValueError, match=r"bomb.png is too large \(20000 x 20000 pixels"):
+    decode.load_rgb(bomb)

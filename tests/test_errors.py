@@ -325,13 +325,89 @@ def test_cli_peer_that_never_starts(data_dir, tmp_path):
     (["--config=configs/default.py", "--config.num_train_steps=many"],
      "--config.num_train_steps=many has the wrong type"),
     (["--config=configs/default.py", "--no_such_flag=1"], "Unknown command line flag"),
+    (["--config=configs/nope.py", "--config.seed=1"],
+     "Config file configs/nope.py cannot be loaded (no such file)"),
+    (["--config={tmp}/syntax.py"],
+     "Config file {tmp}/syntax.py has a syntax error at line 2"),
+    (["--config={tmp}/name.py", "--config.seed=1"],
+     "Config file {tmp}/name.py raises NameError at line 3 (name 'undefined_name' is not"),
 ], ids=["missing_config_file", "bad_config_argument", "unknown_nested_key", "wrong_type",
-        "unknown_flag"])
+        "unknown_flag", "missing_config_file_with_override", "config_syntax_error",
+        "config_name_error"])
 def test_cli_flag_errors_are_one_sentence(tmp_path, args, fragment):
   import sys
   from conftest import REPO
+  (tmp_path / "syntax.py").write_text("def get_config():\n  return (\n")
+  (tmp_path / "name.py").write_text("def get_config():\n  x = 1\n  return undefined_name\n")
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+  fragment = fragment.replace("{tmp}", str(tmp_path))
   out = subprocess.run([sys.executable, "-m", "mixer_jax.main", f"--workdir={tmp_path}/w"] + args,
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == errors.USER_ERROR, out.stderr[-2000:]
   assert_one_sentence(out.stderr, fragment)
   assert not os.path.exists(tmp_path / "w")
+
+
+# ---------------------------------------------------- mistakes caught before the work
+def test_image_size_the_fixed_size_images_cannot_give(data_dir, tmp_path, capsys):
+  # The 8x8 digits taken as they are (train_crop "none") at 16 px: refused before
+  # anything is compiled, naming the sizes and both fixes.
+  code, err = guarded_run(tiny_config(data_dir, image_size=16), tmp_path / "w", capsys)
+  assert code == errors.USER_ERROR
+  assert_one_sentence(err, "config.image_size=16 but dataset mixer_digits has 8 x 8 images, "
+                      "which config.train_crop='none' uses as they are (no resize); use "
+                      "--config.image_size=8 or --config.train_crop=resize")
+  # A folder of 12 px images with configs/default.py (image_size 8, train_crop "none").
+  root = make_folder(str(tmp_path / "f"), size=12)
+  code, err = guarded_run(tiny_config(data_dir, dataset=f"folder:{root}", eval_split="train"),
+                          tmp_path / "w2", capsys)
+  assert code == errors.USER_ERROR
+  assert_one_sentence(err, f"dataset folder:{root} has 12 x 12 images")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_batch_larger_than_the_memory_is_refused_before_it_runs(data_dir, tmp_path, capsys):
+  code, err = guarded_run(tiny_config(data_dir, batch_size=100_000_000), tmp_path / "w", capsys)
+  assert code == errors.USER_ERROR
+  assert_one_sentence(err, "config.batch_size=100000000 needs an estimated ")
+  assert "GiB per device for the train step" in err and "available; use a smaller" in err
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_memory_check_compares_the_peak_with_the_available_bytes():
+  from types import SimpleNamespace
+  from mixer_jax import device_memory
+  gib = device_memory.GIB
+  stats = SimpleNamespace(argument_size_in_bytes=2 * gib, temp_size_in_bytes=5 * gib,
+                          output_size_in_bytes=2 * gib, alias_size_in_bytes=2 * gib)
+  assert device_memory.peak_bytes(stats) == 7 * gib
+  device_memory.check_fits(stats, 64, (8 * gib, "each H100 device has"))  # Fits.
+  device_memory.check_fits(stats, 64, None)  # Unknown memory: not checked.
+  with pytest.raises(errors.ConfigError, match=r"config.batch_size=64 needs an estimated "
+                     r"7.00 GiB per device .* but each H100 device has 6.00 GiB available"):
+    device_memory.check_fits(stats, 64, (6 * gib, "each H100 device has"))
+
+
+def test_workdir_that_is_a_file(data_dir, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("x")
+  code, err = guarded_run(tiny_config(data_dir), tmp_path / "a_file", capsys)
+  assert code == errors.USER_ERROR
+  assert_one_sentence(err, f"Workdir {tmp_path}/a_file is a file, not a directory; choose "
+                      "another --workdir")
+
+
+@pytest.mark.parametrize("module,args", [
+    ("mixer_jax.main", []),
+    ("mixer_jax.main", ["--config=configs/default.py", "--workdir=/tmp/x", "extra"]),
+    ("mixer_jax.predict", ["--no_such_flag"]),
+    ("mixer_jax.export", ["--no_such_flag"]),
+    ("mixer_jax.tools.plot", ["--no_such_flag"]),
+    ("mixer_jax.tools.summary", ["--variant=Q/3"]),
+])
+def test_cli_usage_errors_exit_2(module, args):
+  import sys
+  from conftest import REPO
+  out = subprocess.run([sys.executable, "-m", module] + args, cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == errors.USER_ERROR, (out.returncode, out.stderr[-2000:])
+  assert "Traceback" not in out.stderr

@@ -226,3 +226,16 @@ def test_exported_safetensors_exports_again(tiny, tmp_path):
   export.export(st, "npz", back)
   a, b = weights.flatten(tiny[1]), weights.flatten(weights.load_npz(back))
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_both_formats_get_a_normal_files_mode(tiny, tmp_path):
+  # safetensors creates its file 0600; an export is a normal file: 0666 less the umask.
+  ckpt = str(tmp_path / "tiny.npz")
+  weights.save_npz(tiny[1], ckpt)
+  previous = os.umask(0o022)
+  try:
+    for fmt, name in (("timm", "x.safetensors"), ("npz", "x.npz")):
+      export.export(ckpt, fmt, str(tmp_path / name))
+      assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, fmt
+  finally:
+    os.umask(previous)

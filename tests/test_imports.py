@@ -17,7 +17,8 @@ PACKAGE = os.path.join(REPO, "mixer_jax")
 FLOORS = {
     0: ("errors", "host_memory", "paths", "hub"),
     1: ("models", "optim", "sharding", "metrics", "distributed", "fewshot", "augment",
-        "resolution", "datasets", "timm_layout", "run_record", "workdir_lock", "randaugment"),
+        "resolution", "datasets", "timm_layout", "run_record", "workdir_lock", "randaugment",
+        "device_memory"),
     2: ("steps", "checkpoint", "input_pipeline", "kernels"),
     3: ("state", "weights", "workdir"),
     4: ("evaluator",),

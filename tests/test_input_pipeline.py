@@ -234,3 +234,27 @@ def test_training_on_one_class_is_refused(tmp_path):
   two = _folder(tmp_path / "two", {"": {"a": 2, "b": 2}})
   with pytest.raises(errors.DataError, match=r"'train\[:1\]'.*a larger slice"):
     _describe(two, "train[:1]", "train")
+
+
+def test_resume_with_moved_split_boundaries_is_logged_with_both_counts(tmp_path, caplog):
+  from mixer_jax import checkpoint, workdir
+  record = dict(model={"hidden_dim": 8}, num_classes=2, image_size=8,
+                split_sizes={"train[:75%]": 60, "train[75%:]": 20})
+  checkpoint.write_model_file(str(tmp_path), record)
+  workdir.check_same_model(str(tmp_path), record)
+  assert "Split" not in caplog.text
+  moved = dict(record, split_sizes={"train[:75%]": 63, "train[75%:]": 21})
+  workdir.check_same_model(str(tmp_path), moved)
+  assert (f"Split train[:75%] held 60 images when workdir {tmp_path} was last started and "
+          "holds 63 now (files were added or removed)") in caplog.text
+  assert "Split train[75%:] held 20 images" in caplog.text
+
+
+def test_fixed_size_images_are_checked_against_image_size(tmp_path):
+  source = _folder(tmp_path, {"": {"a": 2, "b": 2}})
+  assert source.image_shape("train") == (SIZE, SIZE)
+  input_pipeline.check_image_size(source, _config())  # 8 px images at 8 px.
+  input_pipeline.check_image_size(source, _config(image_size=16, train_crop="resize"))
+  with pytest.raises(errors.DataError, match=r"config.image_size=16 but dataset folder:.* has "
+                     r"8 x 8 images, which config.train_crop='pad' uses as they are"):
+    input_pipeline.check_image_size(source, _config(image_size=16, train_crop="pad"))

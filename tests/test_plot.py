@@ -69,3 +69,16 @@ def test_plot_command_resolves_paths_as_typed(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   written = home / "runs" / "figs" / "curves.png"
   assert written.is_file() and done.stdout.strip() == f"Wrote {written}"
+
+
+def test_plot_writes_exactly_the_out_name(tmp_path):
+  # Without an extension the PNG is written under that very name (savefig alone would
+  # write FILE.png while the tool said it wrote FILE); a known extension picks its format.
+  run = _write_metrics(tmp_path / "seed0", _run(0))
+  plot.plot([run], str(tmp_path / "curves"))
+  assert os.listdir(tmp_path) == ["seed0", "curves"] or sorted(os.listdir(tmp_path)) == [
+      "curves", "seed0"]
+  with Image.open(tmp_path / "curves") as image:
+    assert image.format == "PNG"
+  plot.plot([run], str(tmp_path / "curves.pdf"))
+  assert (tmp_path / "curves.pdf").read_bytes()[:5] == b"%PDF-"

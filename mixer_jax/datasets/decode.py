@@ -10,12 +10,39 @@ grid is used as is, as in the TFDS ImageNet records the released models were tra
 `resize` is the one resize of the pipelines (bilinear with antialiasing, rounded).
 """
 
+import io
+import struct
+from typing import Optional, Tuple
+
 from PIL import Image
 import tensorflow as tf
 
 # PIL's own decompression-bomb line (twice its warning threshold): larger images are
 # refused before decoding rather than filling the host's memory.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
+
+def pixel_size(data: bytes) -> Optional[Tuple[int, int]]:
+  """(width, height) from an image file's header, however large (PIL's own `open`
+  raises before telling the size of a decompression bomb); None if PIL cannot read it."""
+  Image.init()
+  prefix = data[:16]
+  for fmt in Image.ID:
+    factory, accept = Image.OPEN[fmt]
+    if accept is not None and not accept(prefix):
+      continue
+    try:
+      return tuple(factory(io.BytesIO(data), None).size)
+    except (SyntaxError, IndexError, TypeError, ValueError, struct.error, OSError):
+      continue
+  return None
+
+
+def too_large(size: Optional[Tuple[int, int]]) -> Optional[str]:
+  """The reason an image of `size` is refused ("W x H pixels, more than N"), or None."""
+  if size is None or size[0] * size[1] <= MAX_PIXELS:
+    return None
+  return f"{size[0]} x {size[1]} pixels, more than {MAX_PIXELS:,}"
 
 
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
@@ -43,14 +70,10 @@ def load_rgb(path: str):
   except OSError as e:
     raise ValueError(f"Cannot read image {path} ({e.strerror or type(e).__name__}); "
                      "pass a readable image file (JPEG, PNG, ...).") from None
-  try:
-    with Image.open(path) as im:
-      width, height = im.size
-  except Exception:  # pylint: disable=broad-except
-    width = height = 0  # Not PIL-readable: tf.io.decode_image decides below.
-  if width * height > MAX_PIXELS:
-    raise ValueError(f"Image {path} is too large ({width} x {height} pixels, more than "
-                     f"{MAX_PIXELS:,}); resize it before predicting.")
+  # Not PIL-readable (size None): tf.io.decode_image decides below.
+  reason = too_large(pixel_size(data))
+  if reason:
+    raise ValueError(f"Image {path} is too large ({reason}); resize it before predicting.")
   try:
     return decode_rgb(tf.constant(data)).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):

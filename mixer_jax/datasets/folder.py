@@ -73,6 +73,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from mixer_jax.datasets import decode
 from mixer_jax.datasets.decode import decode_rgb  # pylint: disable=unused-import
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -165,6 +166,9 @@ def check_image(path: str) -> Optional[Tuple[str, str]]:
     return 'cannot be read', (e.strerror or _clean_reason(e, path))
   if not data:
     return 'cannot be decoded', _EMPTY
+  large = decode.too_large(decode.pixel_size(data))
+  if large:  # Refused before decoding, as decode.load_rgb does.
+    return 'is too large', large
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt = im.format

@@ -113,7 +113,7 @@ def measure(config, num_classes: int, strategy: str, mesh, remat_policy=None) ->
   """Compiles the train step for `mesh` under `strategy` (and `remat_policy`, if
   given); per-device bytes."""
   import jax
-  from mixer_jax import sharding
+  from mixer_jax import device_memory, sharding
 
   sharding.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
   setup = build(config, num_classes, strategy, mesh, remat_policy)
@@ -128,7 +128,6 @@ def measure(config, num_classes: int, strategy: str, mesh, remat_policy=None) ->
               "batch": _bytes_per_device(batch)}
   arguments = int(stats.argument_size_in_bytes)
   temporaries = int(stats.temp_size_in_bytes)
-  outputs_not_in_place = int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes)
   sharded = sum(1 for s in jax.tree_util.tree_leaves(state_sharding)
                 if any(axis is not None for axis in s.spec))
   return {
@@ -141,7 +140,7 @@ def measure(config, num_classes: int, strategy: str, mesh, remat_policy=None) ->
       "arguments": arguments,
       "arguments_computed": sum(computed.values()),
       "temporaries": temporaries,
-      "peak": arguments + temporaries + max(outputs_not_in_place, 0),
+      "peak": device_memory.peak_bytes(stats),
       "sharded_arrays": sharded,
       "arrays": len(jax.tree_util.tree_leaves(state_sharding)),
   }
@@ -203,9 +202,9 @@ def run(config, num_devices: int, num_classes: int, strategies, remat_policies=(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.usage(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None or not FLAGS.num_devices or FLAGS.num_devices < 1:
-    raise app.UsageError("Pass --config=CONFIG_FILE[:ARG] and --num_devices=N (N >= 1).")
+    raise errors.usage("Pass --config=CONFIG_FILE[:ARG] and --num_devices=N (N >= 1).")
   ensure_devices(FLAGS.num_devices, sys.argv)
   config = FLAGS.config
   num_classes = FLAGS.num_classes or config.num_classes or 1000
@@ -221,4 +220,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -78,7 +78,12 @@ def plot(workdirs: Sequence[str], out: str, title: str = "") -> None:
     fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out)
+  # Exactly `out`: its extension picks a format matplotlib writes (pdf, svg, ...); with
+  # none, or one matplotlib does not know, it is a PNG under that very name (savefig
+  # alone would append ".png" to a name without an extension).
+  ext = os.path.splitext(out)[1][1:].lower()
+  fmt = ext if ext in fig.canvas.get_supported_filetypes() else "png"
+  fig.savefig(out, format=fmt)
   plt.close(fig)
 
 
@@ -87,13 +92,14 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   flags.DEFINE_list("workdir", None, "Training workdir(s), comma-separated.")
-  flags.DEFINE_string("out", None, "PNG file to write.")
+  flags.DEFINE_string("out", None, "Image file to write, exactly this name (PNG unless its "
+                      "extension names another format matplotlib writes, e.g. .pdf, .svg).")
   flags.DEFINE_string("title", "", "Figure title.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.usage(f"Unexpected arguments: {' '.join(argv[1:])}")
 
   def run():
     if not FLAGS.workdir or not FLAGS.out:
@@ -107,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

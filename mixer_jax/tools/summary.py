@@ -16,6 +16,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from mixer_jax import errors
 from mixer_jax import models
 from mixer_jax import weights
 
@@ -54,7 +55,7 @@ def main(argv):
   try:
     model, rows = summarize(FLAGS.variant, FLAGS.image_size, FLAGS.num_classes)
   except ValueError as e:
-    raise app.UsageError(str(e))
+    raise errors.usage(str(e))
   total = sum(n for _, _, n in rows)
   if FLAGS.table:
     width = max(len(k) for k, _, _ in rows)
@@ -71,4 +72,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)
