@@ -64,15 +64,14 @@ def saved_config(workdir: str):
 
 
 def read_params(workdir: str, step: Optional[int] = None):
-  """The parameters (numpy, in the layout stored) of a workdir's newest readable step,
-  or of `step`; read via this process's first device, so from any topology."""
+  """The parameters (numpy, as stored) of a workdir's newest readable step, or of
+  `step`; read via this process's first device, so from any topology."""
   directory, unreadable = os.path.join(workdir, CHECKPOINT_DIR), []
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for step in reversed(saved_steps(workdir) if step is None else [step]):
     try:
-      # The item's own handler: `params` is one item of a step saved by the
-      # CheckpointManager, whose step metadata sits one level up (a StandardCheckpointer
-      # pointed at the item would warn that its own metadata file is missing).
+      # The item's own handler: a StandardCheckpointer at one item of a manager's step
+      # warns that the step's metadata (one level up) is missing.
       handler = ocp.StandardCheckpointHandler()
       params_dir = epath.Path(os.path.join(directory, str(step), "params"))
       target = jax.tree_util.tree_map(
@@ -87,13 +86,6 @@ def read_params(workdir: str, step: Optional[int] = None):
   raise errors.CheckpointError(
       f"{workdir} holds no readable checkpoint (tried steps {unreadable}); train first or "
       "pass another path.")
-
-
-def _layout(tree) -> Optional[str]:
-  try:
-    return models.layout(tree)
-  except ValueError:  # No blocks (nothing to convert).
-    return None
 
 
 class TrainCheckpoints:
@@ -141,12 +133,12 @@ class TrainCheckpoints:
     """Newest readable step (falling back past unreadable ones, which are set aside),
     or None; in the layout and with the shardings of `abstract_state`."""
     wanted = {"params": abstract_state["params"], "opt_state": abstract_state["opt_state"]}
-    layout, unreadable = _layout(wanted), []
+    layout, unreadable = models.layout_or_none(wanted), []
     try:
       for step in sorted(self.manager.all_steps(), reverse=True):
         try:
           metadata = self.manager.item_metadata(step)["params"]
-          stored = _layout(getattr(metadata, "tree", metadata))
+          stored = models.layout_or_none(getattr(metadata, "tree", metadata))
           target = wanted if stored in (None, layout) else self._target(wanted, stored)
           restored = self.manager.restore(step, args=ocp.args.Composite(
               params=ocp.args.StandardRestore(target["params"]),

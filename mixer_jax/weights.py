@@ -74,19 +74,10 @@ def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
   return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
-def _layout(tree) -> Optional[str]:
-  """The block layout of `tree` ("unrolled" or "scanned"), None if it holds no blocks
-  (or mixes both layouts: the key-by-key checks then name the problem)."""
-  try:
-    return models.layout(tree)
-  except ValueError:
-    return None
-
-
 def released(tree):
   """`tree` (parameters, or any tree holding them) in the released, unrolled layout;
   an unrolled tree (or one without blocks) is returned as it is."""
-  return models.to_unrolled(tree) if _layout(tree) == models.SCANNED else tree
+  return models.to_unrolled(tree) if models.layout_or_none(tree) == models.SCANNED else tree
 
 
 def _is_safetensors(path: str) -> bool:
@@ -386,7 +377,7 @@ def load_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, Any
     naming both sizes and the first differing key; anything else missing, unexpected
     or differently shaped names the key and both shapes, before anything runs.
   """
-  target = _layout(init_params)
+  target = models.layout_or_none(init_params)
   init_flat, pre_flat = flatten(released(init_params)), flatten(released(pretrained))
   _check_same_variant(init_flat, pre_flat, source)
   pre_flat = resolution.expand_if_needed(init_flat, pre_flat, source=source)

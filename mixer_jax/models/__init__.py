@@ -196,6 +196,15 @@ def layout(tree, prefix: Optional[str] = None) -> str:
   return blocks.layout(tree, prefix or _prefix(tree))
 
 
+
+def layout_or_none(tree) -> Optional[str]:
+  """`layout(tree)`, or None for a tree without blocks (or mixing both layouts: the
+  key-by-key checks of weights.py then name the problem)."""
+  try:
+    return layout(tree)
+  except ValueError:
+    return None
+
 def to_unrolled(tree, prefix: Optional[str] = None):
   """`tree` with every scanned stack of blocks split per block (blocks.to_unrolled)."""
   return blocks.to_unrolled(tree, prefix or _prefix(tree))
