@@ -52,7 +52,6 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tens
             "tensorflow", "tensorflow-datasets", "ml_collections", "clu")
 
 
-
 MODEL_FILE = "model.json"  # What the checkpoints are of: fields, classes, image size.
 
 
@@ -196,6 +195,11 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str], workdir:
     old, new = found[key]
     gained = key not in record["config"] and key in defaults and new == defaults[key]
     if gained or key not in current or key in DERIVED:
+      del found[key]
+    # Records written before the model resolved its fields hold 0 for "the variant's
+    # own value": the same model while the variant is unchanged.
+    elif (key.startswith("model.") and old == 0 and new is not None
+          and "model.variant" not in found):
       del found[key]
   # With a fixed step count the epoch count is read by nothing (train.total_train_steps).
   if "num_epochs" in found and found.get("num_train_steps") is None and (

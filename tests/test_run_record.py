@@ -174,6 +174,22 @@ def test_keys_gained_at_their_default_or_lost_since_the_record_are_not_changes(t
     run_record.check_resume(record, c, [], str(tmp_path))
 
 
+def test_records_of_unresolved_model_fields_resume(tmp_path):
+  """Records written before the model resolved its fields hold 0 for "the variant's
+  own value" and no family or name: the same run while the variant is the same."""
+  c, record = _record(tmp_path)
+  state.resolve_model(c)
+  for key in ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
+    record["config"][f"model.{key}"] = 0
+  for key in ("model.family", "model.name", "model.layerscale_init",
+              "model.approximate_gelu"):
+    record["config"].pop(key, None)
+  assert run_record.check_resume(record, c, [], str(tmp_path)) == {}
+  record["config"]["model.variant"] = "S/16"  # Another variant: its sizes were others.
+  with pytest.raises(errors.WorkdirError, match=r"model.hidden_dim: 0 -> "):
+    run_record.check_resume(record, c, [], str(tmp_path))
+
+
 def test_unreadable_record_is_one_sentence(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(errors.WorkdirError, match="not a readable run record"):
