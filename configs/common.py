@@ -30,6 +30,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_flip = True
   c.randaugment_layers = 0      # Paper ImageNet-1k: 2.
   c.randaugment_magnitude = 0   # 0-30 scale; paper ImageNet-1k: 15.
+  # Where flip and RandAugment run: "host" (tf.data, augment.py) or "device" (in the
+  # jitted train step, randaugment.py; the host then only decodes, crops and resizes,
+  # and ships uint8). "auto": "device" where JAX's backend is an accelerator, else
+  # "host"; the run record holds the resolved value. The two draw different random
+  # augmentations, so a resume that changes it is refused unless accepted.
+  c.randaugment_on = "auto"
   c.eval_preprocess = "resize_crop"  # "resize_crop" (shorter side 256/224, central crop) | "resize".
   c.eval_crop_fraction = 0.875  # 224/256.
   c.log_image_grid = True       # TensorBoard grid of augmented training images at start.

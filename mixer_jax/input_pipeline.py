@@ -8,8 +8,10 @@ config.batch_size) and process p reads its rows p*b .. (p+1)*b - 1 (b = G / proc
 count), which is also how `sharding.global_batch` lays the rows onto the devices. So
 the batch the model sees at step s depends on (seed, s) alone: 1 process x N devices,
 N processes x 1 device and any mix train on the same data, and the whole input
-state of a run is its step. Augmentation randomness is keyed by (seed, example
-index, epoch). Examples are looked up by index (random access: image folders by
+state of a run is its step. Host augmentation randomness is keyed by (seed, example
+index, epoch); with config.randaugment_on="device" flip and RandAugment run in the
+train step instead (keyed by seed, step and position: steps.py). Batches hold uint8
+images; the steps scale them to [-1, 1] on the device. Examples are looked up by index (random access: image folders by
 path, TFDS splits through datasets/records.py or in memory with config.cache_train).
 Images arrive encoded and are decoded here, so that the Inception crop can decode
 only the cropped window of a JPEG.
@@ -383,7 +385,21 @@ def check_image_size(source, config) -> None:
 
 # ----------------------------------------------------------------- preprocessing
 def _to_model_range(image):
+  """The [-1, 1] scaling on the host: the path before uint8 went to the device, kept for
+  tools/benchmark.py's "before" figure (the steps scale on the device)."""
   return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+def augments_on_host(config) -> bool:
+  """Whether flip and RandAugment run here (config.randaugment_on "host", or absent)
+  rather than in the train step ("device"); "auto" must be resolved first
+  (state.resolve_randaugment_on), so that the step and the pipeline agree."""
+  place = getattr(config, "randaugment_on", "host")
+  if place not in ("host", "device"):
+    raise ValueError(f"config.randaugment_on={place!r} must be resolved to 'host' or "
+                     "'device' (state.resolve_randaugment_on) before the input pipeline "
+                     "is built.")
+  return place == "host"
 
 
 def _check_label(label, num_classes):
@@ -393,9 +409,12 @@ def _check_label(label, num_classes):
   return label
 
 
-def preprocess_train(example, seed, config, num_classes):
-  """Decode -> crop -> resize -> flip -> RandAugment -> [-1, 1].
+def preprocess_train(example, seed, config, num_classes, host_scaling: bool = False):
+  """Decode -> crop -> resize [-> flip -> RandAugment]: uint8 images.
 
+  Flip and RandAugment run here only with randaugment_on="host" (the train step does
+  them otherwise); the [-1, 1] scaling is the train step's (`host_scaling`: here,
+  float32 out, the former path that tools/benchmark.py measures).
   config.train_crop is one of state.TRAIN_CROPS (state.validate_config checks it)."""
   crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   size = config.image_size
@@ -409,17 +428,19 @@ def preprocess_train(example, seed, config, num_classes):
     image = tf.ensure_shape(decode.decode_rgb(example["image"]), [size, size, 3])
     if config.train_crop == "pad":
       image = augment.pad_and_crop(image, crop_seed, config.train_crop_padding)
-  if config.train_flip:
-    image = augment.random_flip(image, flip_seed)
-  if config.randaugment_layers > 0:
-    image = augment.randaugment(image, ra_seed, num_layers=config.randaugment_layers,
-                                magnitude=config.randaugment_magnitude)
-  return {"image": _to_model_range(image),
+  if augments_on_host(config):
+    if config.train_flip:
+      image = augment.random_flip(image, flip_seed)
+    if config.randaugment_layers > 0:
+      image = augment.randaugment(image, ra_seed, num_layers=config.randaugment_layers,
+                                  magnitude=config.randaugment_magnitude)
+  return {"image": _to_model_range(image) if host_scaling else image,
           "label": _check_label(example["label"], num_classes)}
 
 
 def preprocess_eval(example, config, num_classes):
-  """config.eval_preprocess is one of state.EVAL_PREPROCESSES (validate_config checks it)."""
+  """Decode -> resize (and crop): uint8 images, scaled by the eval step on the device.
+  config.eval_preprocess is one of state.EVAL_PREPROCESSES (validate_config checks it)."""
   image = decode.decode_rgb(example["image"])
   size = config.image_size
   if config.eval_preprocess == "resize_crop":
@@ -436,7 +457,7 @@ def preprocess_eval(example, config, num_classes):
     image.set_shape([size, size, 3])
   else:  # "resize"
     image = decode.resize(image, size)
-  out = {"image": _to_model_range(image), "label": _check_label(example["label"], num_classes),
+  out = {"image": image, "label": _check_label(example["label"], num_classes),
          "mask": tf.constant(1.0, tf.float32)}
   if "real_label" in example:
     # A sum, not a max: max over an image with no ReaL labels would give -inf (-> NaN).
@@ -475,11 +496,11 @@ def example_at(position: tf.Tensor, num_examples: int, seed: int):
 
 def train_dataset(source, config, local_batch_size: int, num_classes: int,
                   process_index: int, process_count: int,
-                  start_step: int = 0) -> tf.data.Dataset:
+                  start_step: int = 0, host_scaling: bool = False) -> tf.data.Dataset:
   """This process's rows of global batches start_step, start_step + 1, ... (endless).
 
-  Elements: {'image': f32 [b,H,W,3] in [-1,1], 'label': i32 [b]}; see the module
-  docstring for the order.
+  Elements: {'image': uint8 [b,H,W,3], 'label': i32 [b]} (`host_scaling`: f32 in
+  [-1, 1], see preprocess_train); see the module docstring for the order.
   """
   examples = source.examples(config.train_split, config.cache_train)
   n = len(examples)
@@ -491,7 +512,7 @@ def train_dataset(source, config, local_batch_size: int, num_classes: int,
     index, epoch = example_at(position, n, config.seed)
     seed = tf.random.experimental.stateless_fold_in(
         tf.stack([tf.constant(config.seed, tf.int64), index]), epoch)
-    return preprocess_train(examples.lookup(index), seed, config, num_classes)
+    return preprocess_train(examples.lookup(index), seed, config, num_classes, host_scaling)
 
   # k counts this process's rows from the start of the run.
   ds = tf.data.Dataset.range(start_step * b, np.iinfo(np.int64).max)

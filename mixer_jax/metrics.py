@@ -59,13 +59,13 @@ def _to_float(x) -> float:
 
 
 def image_grid(images: np.ndarray, max_images: int = 64) -> np.ndarray:
-  """(N, H, W, 3) images in [-1, 1] -> one (1, rows*H, cols*W, 3) uint8 grid."""
-  images = np.asarray(images[:max_images], np.float32)
-  n, h, w, c = images.shape
+  """(N, H, W, 3) uint8 images (the input pipeline's) -> one (1, rows*H, cols*W, 3) uint8
+  grid."""
+  pixels = np.asarray(images[:max_images], np.uint8)
+  n, h, w, c = pixels.shape
   cols = int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
   grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  pixels = np.clip((images + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
   for i in range(n):
     r, col = divmod(i, cols)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = pixels[i]

@@ -48,6 +48,9 @@ EXECUTION = frozenset((
     "model.remat_policy", "data_dir", "manual_dir", "cache_train"))
 # Filled by state.resolve_model from the keys that are compared (variant and sizes).
 DERIVED = frozenset(("model.name", "model.family"))
+# Keys whose default is resolved at the start (state.resolve_randaugment_on) -> the
+# value that reproduces runs recorded before the key existed (they augmented on the host).
+BEFORE_THE_KEY = {"randaugment_on": "host"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-cpu",
             "tensorflow", "tensorflow-datasets", "ml_collections", "clu")
 
@@ -193,7 +196,8 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str], workdir:
   defaults = _defaults()
   for key in list(found):
     old, new = found[key]
-    gained = key not in record["config"] and key in defaults and new == defaults[key]
+    gained = key not in record["config"] and key in defaults and (
+        new == defaults[key] or new == BEFORE_THE_KEY.get(key))
     if gained or key not in current or key in DERIVED:
       del found[key]
     # Records written before the model resolved its fields hold 0 for "the variant's

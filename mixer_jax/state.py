@@ -7,6 +7,7 @@ that lack them, so `config` only needs attribute access (a ConfigDict from confi
 or any object with the same fields).
 
   state.resolve_model(config, weights_info)   # once, at the entry point
+  state.resolve_randaugment_on(config)        # likewise (Setup does it too)
   setup = state.Setup(config, num_classes, total_steps)
   train_state = setup.init_state()
   train_step = setup.train_step()            # jitted, sharded, state donated
@@ -101,10 +102,18 @@ def validate_config(config) -> None:
                         ("optimizer", optim.OPTIMIZERS), ("lr_decay", optim.SCHEDULES),
                         ("sharding", sharding.STRATEGIES),
                         ("train_crop", TRAIN_CROPS),
-                        ("eval_preprocess", EVAL_PREPROCESSES)):
+                        ("eval_preprocess", EVAL_PREPROCESSES),
+                        ("randaugment_on", steps.RANDAUGMENT_ON)):
     if get(name) not in allowed:
       raise errors.ConfigError(
           f"config.{name}={get(name)!r} is not one of {', '.join(allowed)}.")
+
+
+def resolve_randaugment_on(config) -> None:
+  """config.randaugment_on "auto" -> "device" or "host" (steps.randaugment_on), once, at
+  the entry point: the run record then holds where the augmentation ran."""
+  if getattr(config, "randaugment_on", None) == "auto":
+    config.randaugment_on = steps.randaugment_on(config)
 
 
 def eval_batch_size(config, mesh) -> int:
@@ -295,6 +304,7 @@ class Setup:
   def __init__(self, config, num_classes: int, total_steps: int = 1, *,
                fields: Optional[Dict[str, Any]] = None, mesh=None):
     self.config, self.num_classes = config, num_classes
+    resolve_randaugment_on(config)  # The train step and the input pipeline agree on it.
     # The size fields: config.model's, or `fields` where given (e.g. a checkpoint's).
     self.fields = {**size_fields(config), **(fields or {})}
     self.mesh = sharding.make_mesh(config.mesh_model) if mesh is None else mesh
@@ -378,9 +388,10 @@ class Setup:
     return jax.jit(step, out_shardings=sharding.replicated(self.mesh))
 
   def abstract_batch(self, batch_size: int):
-    """ShapeDtypeStructs of a global training batch (for lowering without data)."""
+    """ShapeDtypeStructs of a global training batch (for lowering without data): uint8
+    images, as the input pipeline ships them."""
     size = self.config.image_size
-    return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
+    return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
                                           sharding=self.batch_sharding),
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
                                           sharding=self.batch_sharding)}

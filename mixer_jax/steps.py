@@ -1,7 +1,14 @@
 """The pure train and eval step functions (state.py jits them with their shardings).
 
 The `config` argument needs only attribute access to: seed, label_smoothing,
-mixup_alpha, loss, grad_accum_steps, nonfinite (and cutmix_alpha, 0 where absent).
+mixup_alpha, loss, grad_accum_steps, nonfinite (and cutmix_alpha, 0 where absent;
+randaugment_on, "host" where absent, with train_flip, randaugment_layers and
+randaugment_magnitude where it is "device").
+
+Batches arrive as the input pipeline makes them: uint8 images. Both steps scale them to
+[-1, 1] here, on the device (a quarter of the bytes of float32 cross the host link);
+with randaugment_on="device" the train step first flips and RandAugments them
+(randaugment.py).
 
 The train step is a pure function of (state, batch): every random number derives
 from (config.seed, step), so a resumed run is the same run.
@@ -12,6 +19,35 @@ import jax.numpy as jnp
 import optax
 
 from mixer_jax import optim
+from mixer_jax import randaugment
+
+# Where flip and RandAugment run (config.randaugment_on); "auto" resolves by backend.
+RANDAUGMENT_ON = ("auto", "host", "device")
+# Folded into the step's key for the augmentation's stream: independent of the
+# mixup and dropout keys that split the same step key.
+_AUGMENT_STREAM = 0x5241  # "RA"
+
+
+def randaugment_on(config) -> str:
+  """config.randaugment_on resolved: "device" or "host" ("auto": "device" where JAX's
+  backend is an accelerator, "host" on CPUs)."""
+  place = getattr(config, "randaugment_on", "host")
+  if place == "auto":
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return place
+
+
+def prepare_images(images, key, config):
+  """A training batch's uint8 images -> float32 in [-1, 1]; with randaugment_on="device"
+  flipped and RandAugmented first, each example keyed by its place in the global batch
+  (the whole batch: grad_accum_steps splits it afterwards), so the result depends only
+  on (seed, step, position), whatever the topology."""
+  if randaugment_on(config) != "device":
+    return randaugment.to_model_range(images)
+  positions = jnp.arange(images.shape[0])
+  return randaugment.augment_batch(
+      images, jax.random.fold_in(key, _AUGMENT_STREAM), positions, flip=config.train_flip,
+      num_layers=config.randaugment_layers, magnitude=config.randaugment_magnitude)
 
 
 # ----------------------------------------------------------------------- losses
@@ -75,7 +111,7 @@ def make_train_step(model, tx, config, num_classes: int):
     step = state["step"]
     rng = jax.random.fold_in(base_key, step)
     mix_rng, drop_rng = jax.random.split(rng)
-    images = batch["image"]
+    images = prepare_images(batch["image"], rng, config)
     labels = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
     if config.label_smoothing:
       labels = optax.smooth_labels(labels, config.label_smoothing)
@@ -113,12 +149,13 @@ def make_train_step(model, tx, config, num_classes: int):
 
 
 def make_eval_step(model, config, num_classes: int, confusion: bool = False):
-  """(params, batch) -> sums over the real (mask=1) examples of the batch.
+  """(params, batch) -> sums over the real (mask=1) examples of the batch (uint8 images).
 
   With `confusion`, also `confusion[i, j]`: how many examples of class i were
   predicted as class j."""
   def step_fn(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
+    logits = model.apply({"params": params}, randaugment.to_model_range(batch["image"]),
+                         train=False)
     mask = batch["mask"]
     labels = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
     if config.loss == "softmax":

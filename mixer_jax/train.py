@@ -72,6 +72,8 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
     pretrained, pretrained_info = weights.load_params(config.init_from)
   state_lib.resolve_model(config, pretrained_info, config.init_from)
   state_lib.validate_config(config)
+  # "auto" -> where it runs here, before the run record compares it with a resume's.
+  state_lib.resolve_randaugment_on(config)
   if not config.image_size:
     raise errors.ConfigError("config.image_size=0 means init_from's image size, but no "
                              "config.init_from is set; set --config.image_size.")
@@ -159,6 +161,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
     while step < total_steps:
       local = next(train_iter)
       if step == start_step and config.log_image_grid:
+        # The host's output (uint8): with randaugment_on="device", before augmentation.
         writer.write_images(step, {"train/augmented_images":
                                    metrics_lib.image_grid(local["image"].numpy())})
       batch = sharding.global_batch(input_pipeline.to_numpy(local), mesh)

@@ -3,6 +3,7 @@ r"""Throughput of the Mixer train step, eval forward and input pipeline on this 
   python -m mixer_jax.tools.benchmark --variant=S/32 --batch_size=32 --mode=train
   python -m mixer_jax.tools.benchmark --variant=B/16 --batch_size=256 --mode=eval --dtype=bfloat16
   python -m mixer_jax.tools.benchmark --mode=input         # tf.data alone, images/s per core
+  python -m mixer_jax.tools.benchmark --mode=input --randaugment_on=both  # host vs device RA
   python -m mixer_jax.tools.benchmark --mode=end_to_end    # tf.data feeding the train step
 
 Each timed figure is the median over `--steps` steps after `--warmup` untimed ones (the
@@ -12,6 +13,13 @@ the state donated. FLOPs per image are XLA's cost analysis of the unoptimised pr
 multiply-add counts 2). Utilisation is against a large matmul of the same dtype timed in
 the same run; MFU, on known accelerators, against the datasheet peak. The last stdout
 line is one JSON object with every figure.
+
+`--mode=input` times the paper's ImageNet-1k recipe (Inception crop with the JPEG decoded
+inside it, flip, RandAugment 2/15) with `--randaugment_on`: "host" is the former path
+(flip and RandAugment in tf.data, float32 in [-1, 1] shipped, 4 bytes per value),
+"device" the host's part when the train step augments (decode in the crop, resize:
+uint8 shipped), "both" the two in alternating rounds of `--steps` batches (best round
+reported), so that a slow spell of a shared machine falls on both.
 
 The train and eval modes import no TensorFlow, tfds, ml_collections or clu (they run
 where only jax, flax and optax are installed); `input` and `end_to_end` need TensorFlow.
@@ -34,6 +42,7 @@ import numpy as np
 
 from mixer_jax import host_memory
 from mixer_jax import models
+from mixer_jax import randaugment
 from mixer_jax import sharding
 from mixer_jax import state
 from mixer_jax.errors import ConfigError
@@ -41,6 +50,7 @@ from mixer_jax.errors import ConfigError
 # only: the train and eval modes run where TensorFlow is not installed.
 
 MODES = ("train", "eval", "input", "end_to_end")
+RANDAUGMENT_ON = ("host", "device", "both")
 DTYPES = ("float32", "bfloat16")
 
 # Datasheet dense matmul peaks (FLOP/s) by a substring of jax's `device_kind`, first match
@@ -110,7 +120,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--num_source_images", type=positive, default=64,
                  help="Generated 500x375 JPEGs (ImageNet's typical size) the input modes read.")
   p.add_argument("--rounds", type=positive, default=2,
-                 help="end_to_end: alternating bare and fed windows of --steps each.")
+                 help="end_to_end: alternating bare and fed windows of --steps each; "
+                      "input with --randaugment_on=both: alternating host and device windows.")
+  p.add_argument("--randaugment_on", default="both", choices=RANDAUGMENT_ON,
+                 help="Where flip and RandAugment run: input mode: host (the former path, "
+                      "float32 out), device (the host decodes, crops, resizes: uint8 out) or "
+                      "both; train and end_to_end: host or device (both: by backend).")
   return p
 
 
@@ -224,16 +239,28 @@ def run_config(args) -> types.SimpleNamespace:
       optimizer="adam", learning_rate=1e-3, warmup_steps=100, lr_decay="linear",
       end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
       weight_decay=args.weight_decay, grad_clip_norm=1.0, label_smoothing=0.0,
-      mixup_alpha=args.mixup_alpha, loss="softmax", grad_accum_steps=1, nonfinite="stop")
+      mixup_alpha=args.mixup_alpha, loss="softmax", grad_accum_steps=1, nonfinite="stop",
+      # end_to_end feeds the recipe's augmentation; train times the plain step.
+      **(IMAGENET1K_AUGMENT if args.mode == "end_to_end" else dict(
+          train_crop="inception", train_flip=False, randaugment_layers=0,
+          randaugment_magnitude=0)),
+      randaugment_on="auto" if args.randaugment_on == "both" else args.randaugment_on)
   state.resolve_model(config)
+  state.resolve_randaugment_on(config)
   return config
 
 
 def random_batch(args):
+  """A batch as the input pipeline ships it: uint8 images."""
   k1, k2 = jax.random.split(jax.random.key(3))
   shape = (args.batch_size, args.image_size, args.image_size, 3)
-  return {"image": jax.random.uniform(k1, shape, jnp.float32, -1.0, 1.0),
+  return {"image": jax.random.randint(k1, shape, 0, 256, jnp.int32).astype(jnp.uint8),
           "label": jax.random.randint(k2, (args.batch_size,), 0, args.num_classes)}
+
+
+def _forward(model):
+  """(params, uint8 images) -> logits, the images scaled on the device as the steps do."""
+  return lambda p, x: model.apply({"params": p}, randaugment.to_model_range(x), train=False)
 
 
 class TrainBench:
@@ -260,15 +287,15 @@ class TrainBench:
 
 
 class ForwardBench:
-  """The eval forward as the Evaluator runs it (the model without stochastic depth)."""
+  """The eval forward as the Evaluator runs it (the model without stochastic depth, on
+  uint8 images scaled on the device)."""
 
   def __init__(self, args):
     self.args = args
     setup = state.Setup(run_config(args), args.num_classes)
     self.num_params = setup.num_params
-    model = setup.eval_model
-    self.forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-    self.params = models.init_params(model, args.image_size)  # No optimiser state.
+    self.forward = jax.jit(_forward(setup.eval_model))
+    self.params = models.init_params(setup.eval_model, args.image_size)  # No optimiser state.
     self.images = random_batch(args)["image"]
     self.lowered = self.forward.lower(self.params, self.images)
     self.compiled = self.lowered.compile()
@@ -292,8 +319,7 @@ def bench_step(args, result):
   key = "train_flops_per_image" if args.mode == "train" else "forward_flops_per_image"
   result[key] = result["flops_per_image"] = bench.flops_per_image()
   if args.mode == "train":  # The forward too: lowered only, nothing compiles or runs.
-    model = bench.setup.eval_model
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    forward = jax.jit(_forward(bench.setup.eval_model))
     flops = program_flops(forward, bench.state["params"], bench.batch["image"])
     result["forward_flops_per_image"] = flops and flops / args.batch_size
 
@@ -321,28 +347,65 @@ class InMemoryJpegs:
     return input_pipeline.InMemoryExamples(self.encoded, self.labels)
 
 
-def _train_batches(args, result):
-  """An iterator over input_pipeline.train_dataset's batches of generated JPEGs."""
+def _train_batches(args, result, randaugment_on: str, source=None,
+                   host_scaling: bool = False):
+  """An iterator over input_pipeline.train_dataset's batches of generated JPEGs, the
+  recipe's flip and RandAugment on the host ("host") or left to the device ("device");
+  uint8, or float32 scaled on the host with `host_scaling` (the former path)."""
   import tensorflow as tf
   from mixer_jax import input_pipeline
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerator is JAX's.
-  source = InMemoryJpegs(args.num_source_images, args.num_classes)
+  source = source or InMemoryJpegs(args.num_source_images, args.num_classes)
   config = types.SimpleNamespace(seed=0, image_size=args.image_size, train_split="train",
-                                 cache_train=True, **IMAGENET1K_AUGMENT)
+                                 cache_train=True, randaugment_on=randaugment_on,
+                                 **IMAGENET1K_AUGMENT)
   result["mean_jpeg_bytes"] = source.mean_jpeg_bytes
   result["augmentation"] = IMAGENET1K_AUGMENT
   return iter(input_pipeline.train_dataset(source, config, args.batch_size,
-                                           args.num_classes, 0, 1))
+                                           args.num_classes, 0, 1,
+                                           host_scaling=host_scaling))
 
 
 def bench_input(args, result):
-  """The tf.data pipeline alone: decode, Inception crop, flip, RandAugment, batch."""
-  batches = _train_batches(args, result)
-  times = time_steps(lambda: np.asarray(next(batches)["image"]), args.warmup, args.steps)
+  """The tf.data pipeline alone: decode, Inception crop, [flip, RandAugment,] batch;
+  with --randaugment_on=both the host and device paths in alternating windows."""
+  from mixer_jax import input_pipeline
+  places = ("host", "device") if args.randaugment_on == "both" else (args.randaugment_on,)
+  source = InMemoryJpegs(args.num_source_images, args.num_classes)
+  # "host" is the path as it was: float32 out, scaled on the host.
+  batches = {p: _train_batches(args, result, p, source, host_scaling=p == "host")
+             for p in places}
+  shipped = {}
+
+  def fetch(place):
+    image = np.asarray(next(batches[place])["image"])
+    shipped[place] = image.nbytes // image.shape[0]
+    return image
+
+  for place in places:
+    time_steps(lambda: fetch(place), args.warmup, 0)
+  windows = {p: [] for p in places}
+  for _ in range(args.rounds if len(places) > 1 else 1):
+    for place in places:
+      # What the pipeline prefetched during the other window is used up untimed.
+      if len(places) > 1:
+        time_steps(lambda: fetch(place), input_pipeline.PREFETCH_BATCHES + 1, 0)
+      windows[place].append(time_steps(lambda: fetch(place), 0, args.steps))
+  cores = result["device"]["cores"]
+  for place in places:
+    # Over whole windows (prefetching makes single batches bursty), the best window.
+    rates = [args.batch_size * len(t) / sum(t) for t in windows[place]]
+    result[f"{place}_images_per_s_per_core"] = max(rates) / cores
+    result[f"{place}_rounds_images_per_s"] = rates
+    result[f"{place}_bytes_per_image"] = shipped[place]
+  headline = places[-1]  # "device" where both ran: the default on accelerators.
+  times = max(windows[headline], key=lambda t: len(t) / sum(t))
   result["timed_steps"], result["step_time_s"] = len(times), statistics.median(times)
-  # Over the whole window: prefetching makes single batches bursty.
   result["images_per_s"] = args.batch_size * len(times) / sum(times)
-  result["images_per_s_per_core"] = result["images_per_s"] / result["device"]["cores"]
+  result["images_per_s_per_core"] = result["images_per_s"] / cores
+  if len(places) > 1:
+    result["device_vs_host_ratio"] = (result["device_images_per_s_per_core"] /
+                                      result["host_images_per_s_per_core"])
 
 
 def bench_end_to_end(args, result):
@@ -352,7 +415,7 @@ def bench_end_to_end(args, result):
   bench = TrainBench(args)
   result["num_params"] = bench.num_params
   mesh = sharding.make_mesh(1)
-  batches = _train_batches(args, result)
+  batches = _train_batches(args, result, bench.setup.config.randaugment_on)
 
   def fed_step():
     return bench.run(sharding.global_batch(input_pipeline.to_numpy(next(batches)), mesh))
@@ -388,6 +451,7 @@ def run(args) -> Dict[str, Any]:
       "remat_policy": args.remat_policy, "scan": args.scan,
       "mixup_alpha": args.mixup_alpha, "stoch_depth": args.stoch_depth,
       "model_overrides": model_overrides(args), "warmup": args.warmup,
+      "randaugment_on": args.randaugment_on,
       "device": device_description(with_jax=args.mode != "input")}
   peak_size = args.peak_size
   if peak_size is None:  # A 2048 matmul is over too soon (0.2 ms) to reach an H100's peak.
