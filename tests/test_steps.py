@@ -89,9 +89,15 @@ def _config(**overrides):
 
 
 def _batch(n=16, seed=0):
+  """A batch as the input pipeline ships it: uint8 images."""
   rng = np.random.default_rng(seed)
-  return {"image": jnp.asarray(rng.uniform(-1, 1, (n, 16, 16, 3)), jnp.float32),
+  return {"image": jnp.asarray(rng.integers(0, 256, (n, 16, 16, 3)), jnp.uint8),
           "label": jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32)}
+
+
+def _images(n=16, seed=0):
+  """_batch's images as the model sees them: x / 127.5 - 1."""
+  return jnp.asarray(np.asarray(_batch(n, seed)["image"], np.float32) / 127.5 - 1.0)
 
 
 _PARAMS = {}
@@ -217,7 +223,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_state_and_metrics():
   logits, captured = jax.eval_shape(lambda p, x: model.apply(
       {"params": p}, x, train=False,
       capture_intermediates=lambda mdl, _: isinstance(mdl, (nn.Dense, nn.Conv)),
-      mutable=["intermediates"]), new_state["params"], _batch()["image"])
+      mutable=["intermediates"]), new_state["params"], _images())
   assert logits.dtype == jnp.float32
   outputs = jax.tree_util.tree_leaves(captured)
   # stem + 1 block x 2 MLPs x 2 Dense + head.
@@ -252,7 +258,7 @@ def test_config_wires_stochastic_depth_and_dropout_into_the_model():
   assert (eval_model.stoch_depth, eval_model.dropout) == (0.0, 0.0)
 
   params = _state(model, _tx(config))["params"]
-  images, labels = _batch()["image"], jax.nn.one_hot(_batch()["label"], NUM_CLASSES)
+  images, labels = _images(), jax.nn.one_hot(_batch()["label"], NUM_CLASSES)
   # Stochastic depth alone (no dropout) must make the loss depend on the rng too.
   sd_model = state_lib.build_model(_config(**{"model.stoch_depth": 0.5, "model.num_blocks": 2}),
                                NUM_CLASSES, fields)
@@ -287,7 +293,7 @@ def test_sigmoid_loss_with_head_bias_init():
   model = state_lib.build_model(config, NUM_CLASSES)
   params = models.init_params(model, 16)
   batch = _batch()
-  logits = model.apply({"params": params}, batch["image"], train=False)
+  logits = model.apply({"params": params}, _images(), train=False)
   np.testing.assert_array_equal(logits, np.full(logits.shape, -6.9, np.float32))
   labels = jax.nn.one_hot(batch["label"], NUM_CLASSES)
   loss = float(steps.loss_fn(logits, labels, "sigmoid"))
@@ -296,3 +302,90 @@ def test_sigmoid_loss_with_head_bias_init():
   assert loss == pytest.approx(softplus(6.9) + (NUM_CLASSES - 1) * softplus(-6.9), rel=1e-5)
   _, metrics = _step(config)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+
+
+# ------------------------------------------- uint8 batches, augmentation on device
+def test_eval_step_on_uint8_images_is_the_model_on_x_over_127_5_minus_1():
+  """The pipelines ship uint8; the eval step's scaling on the device is the former
+  host scaling, so evaluation metrics are unchanged by the move."""
+  config = _config()
+  model = state_lib.build_model(config, NUM_CLASSES, train=False)
+  params = _state(model, _tx(config))["params"]
+  batch = dict(_batch(), mask=jnp.asarray([1.0] * 12 + [0.0] * 4))
+  assert batch["image"].dtype == jnp.uint8
+  sums = jax.jit(steps.make_eval_step(model, config, NUM_CLASSES))(params, batch)
+  by_hand = np.asarray(batch["image"], np.float32) / 127.5 - 1.0
+  logits = model.apply({"params": params}, jnp.asarray(by_hand), train=False)
+  # Per example, masked as the step masks.
+  per_example = np.asarray(jax.vmap(lambda l, y: steps.loss_fn(l[None], y[None], "softmax"))(
+      logits, jax.nn.one_hot(batch["label"], NUM_CLASSES)))
+  mask = np.asarray(batch["mask"])
+  np.testing.assert_allclose(sums["loss"], np.sum(per_example * mask), rtol=1e-5)
+  hits = np.asarray(jnp.argmax(logits, -1) == batch["label"])
+  assert float(sums["accuracy"]) == float(np.sum(hits * mask))
+  assert float(sums["num_examples"]) == 12
+
+
+AUGMENT = dict(randaugment_on="device", train_flip=True, randaugment_layers=2,
+               randaugment_magnitude=15)
+
+
+def _augmented(images, seed=0, step=0, config=None):
+  config = config or _config(seed=seed, **AUGMENT)
+  key = jax.random.fold_in(jax.random.key(config.seed), step)  # As the train step's.
+  return np.asarray(jax.jit(lambda x: steps.prepare_images(x, key, config))(images))
+
+
+def test_device_augmentation_depends_only_on_seed_step_and_position():
+  images = _batch()["image"]
+  out = _augmented(images)
+  # [-1, 1] up to a rounding: XLA divides by 127.5 as a multiply by its reciprocal.
+  assert out.dtype == np.float32 and -1.0 <= out.min() and out.max() <= 1.0 + 1e-6
+  # Each example is augmented (not the plain scaling), and differently from the others.
+  plain = np.asarray(images, np.float32) / 127.5 - 1.0
+  assert np.mean([not np.allclose(o, p) for o, p in zip(out, plain)]) > 0.5
+  # Other rows changed: row 5's result is the same (its own image, seed, step, position).
+  others = np.asarray(images).copy()
+  others[np.arange(16) != 5] = 255 - others[np.arange(16) != 5]
+  np.testing.assert_array_equal(_augmented(jnp.asarray(others))[5], out[5])
+  # The same image at two positions, or at two steps, or under two seeds: other draws.
+  same = jnp.broadcast_to(images[:1], images.shape)
+  moved = _augmented(same)
+  assert len({moved[i].tobytes() for i in range(16)}) > 8
+  assert not np.array_equal(_augmented(images, step=1), out)
+  assert not np.array_equal(_augmented(images, seed=1), out)
+  # randaugment_on="host": the step only scales (the host augmented already).
+  np.testing.assert_allclose(_augmented(images, config=_config(randaugment_on="host")),
+                             plain, atol=1e-6, rtol=0)
+
+
+_SHARDED = r"""
+import sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_steps
+from mixer_jax import sharding, steps
+mesh = sharding.make_mesh(1)
+assert mesh.devices.size == 8, mesh
+images = jax.device_put(test_steps._batch()["image"], sharding.batch_sharding(mesh))
+config = test_steps._config(**test_steps.AUGMENT)
+key = jax.random.fold_in(jax.random.key(config.seed), 0)
+out = jax.jit(lambda x: steps.prepare_images(x, key, config))(images)
+assert len(out.sharding.device_set) == 8
+np.save(sys.argv[2], np.asarray(out))
+"""
+
+
+def test_device_augmentation_is_the_same_on_8_devices_as_on_1(tmp_path):
+  """The batch sharded over 8 (forced host) devices: each example's augmentation is
+  that of its global position, as on one device."""
+  import os
+  import subprocess
+  import sys
+  path = str(tmp_path / "sharded.npy")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", _SHARDED, os.path.dirname(__file__), path],
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(path), _augmented(_batch()["image"]))
