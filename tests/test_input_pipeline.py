@@ -180,6 +180,19 @@ def test_prepare_lock_waits_names_the_holder_and_outlives_a_dead_holder(tmp_path
       holder.kill()
 
 
+def test_batches_are_uint8_and_device_augmentation_leaves_the_host_images_plain():
+  plain = _global_batches(_config(train_flip=False), 4, 1, steps=3)
+  for place in ("host", "device"):
+    config = _config(randaugment_on=place, randaugment_layers=2, randaugment_magnitude=15)
+    got = _global_batches(config, 4, 1, steps=3)
+    assert all(b["image"].dtype == np.uint8 for b in got)
+    same = all(np.array_equal(a["image"], b["image"]) for a, b in zip(got, plain))
+    # Constant images: flip is invisible, RandAugment's colour ops are not.
+    assert same == (place == "device"), place
+  with pytest.raises(ValueError, match=r"randaugment_on='auto' must be resolved"):
+    _global_batches(_config(randaugment_on="auto"), 4, 1, steps=1)
+
+
 def test_folder_dataset_batches_are_the_same_for_any_process_count(tmp_path):
   for i in range(N):
     folder = tmp_path / "train" / f"class{i % 3}"

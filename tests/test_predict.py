@@ -137,9 +137,11 @@ def test_every_entry_point_decodes_alike(tmp_path):
     predicted = predict.load_image(path, size)
     with open(path, "rb") as f:
       example = {"image": tf.constant(f.read()), "label": tf.constant(0, tf.int64)}
-    evaluated = input_pipeline.preprocess_eval(example, config, 1)["image"].numpy()
-    trained = input_pipeline.preprocess_train(example, tf.constant([1, 2], tf.int32), config,
-                                              1)["image"].numpy()
+    # The pipelines ship uint8; the steps scale it as predict does.
+    scaled = lambda out: out["image"].numpy().astype(np.float32) / 127.5 - 1.0
+    evaluated = scaled(input_pipeline.preprocess_eval(example, config, 1))
+    trained = scaled(input_pipeline.preprocess_train(example, tf.constant([1, 2], tf.int32),
+                                                     config, 1))
     np.testing.assert_array_equal(predicted, evaluated, err_msg=name)
     np.testing.assert_array_equal(predicted, trained, err_msg=name)
   # The 16-bit file is its own grey levels (v / 257), not white.

@@ -174,6 +174,35 @@ def test_keys_gained_at_their_default_or_lost_since_the_record_are_not_changes(t
     run_record.check_resume(record, c, [], str(tmp_path))
 
 
+def test_randaugment_on_changed_on_resume_is_refused_unless_accepted(tmp_path):
+  """Host and device augmentation draw different random numbers: another stream.
+  Records written before the key existed augmented on the host."""
+  c, record = _record(tmp_path, randaugment_on="host")
+  c.randaugment_on = "device"
+  with pytest.raises(errors.WorkdirError, match=r"randaugment_on: 'host' -> 'device'.*"
+                     r"--accept_changes=randaugment_on"):
+    run_record.check_resume(record, c, [], str(tmp_path))
+  assert run_record.check_resume(record, c, ["randaugment_on"], str(tmp_path)) == {
+      "randaugment_on": ("host", "device")}
+  del record["config"]["randaugment_on"]
+  with pytest.raises(errors.WorkdirError, match=r"randaugment_on: None -> 'device'"):
+    run_record.check_resume(record, c, [], str(tmp_path))
+  c.randaugment_on = "host"
+  assert run_record.check_resume(record, c, [], str(tmp_path)) == {}
+
+
+def test_randaugment_on_is_recorded_resolved_and_a_resume_may_not_change_it(data_dir,
+                                                                             tmp_path):
+  workdir = str(tmp_path / "run")
+  config = lambda **o: tiny_config(data_dir, **{"num_train_steps": 2,
+                                                "eval_every_steps": 2, **o})
+  train.train_and_evaluate(config(), workdir)  # "auto": "host" on the CPU.
+  assert run_record.read(workdir)["config"]["randaugment_on"] == "host"
+  with pytest.raises(errors.WorkdirError, match=r"randaugment_on: 'host' -> 'device'"):
+    train.train_and_evaluate(config(num_train_steps=3, randaugment_on="device"), workdir,
+                             ["num_train_steps"])
+
+
 def test_records_of_unresolved_model_fields_resume(tmp_path):
   """Records written before the model resolved its fields hold 0 for "the variant's
   own value" and no family or name: the same run while the variant is the same."""
