@@ -173,6 +173,31 @@ def test_two_processes_two_devices_one_device_agree(preempted_run, tmp_path):
     assert got[3]["eval/num_examples"] == 355
 
 
+@pytest.mark.multiprocess
+def test_two_processes_and_one_agree_with_randaugment_on_device(data_dir, tmp_path):
+  """Flip and RandAugment in the train step (randaugment_on="device"): each example's
+  draw comes from (seed, step, its global position), so 2 processes x 1 device and
+  1 x 1 train on the same augmented batches."""
+  extra = dict(num_train_steps=3, randaugment_on="device", randaugment_layers=2,
+               randaugment_magnitude=15)
+  workdirs = {"two": tmp_path / "two", "one": tmp_path / "one"}
+  pair = _Pair(workdirs["two"], _flags(data_dir, **extra), "augment")
+  try:
+    (one,) = run_mains(([f"--workdir={workdirs['one']}"] + _flags(data_dir, **extra),
+                        _env(XLA_FLAGS="")), timeout=300)
+    codes = [p.wait(timeout=300) for p in pair.procs]
+  finally:
+    pair.kill_leftovers()
+  assert codes == [0, 0], pair.log(0)[-3000:] + pair.log(1)[-3000:]
+  assert one.returncode == 0, one.stderr[-3000:]
+  two, reference = (_metrics(workdirs[k])[0] for k in ("two", "one"))
+  assert reference[3]["train/loss"] < reference[1]["train/loss"] - 1e-3
+  for step in (1, 2, 3):
+    for key in ("train/loss", "train/grad_norm", "train/accuracy"):
+      _same(two[step][key], reference[step][key], f"step {step} {key}")
+  _same(two[3]["eval/loss"], reference[3]["eval/loss"], "eval/loss")
+
+
 # ------------------------------------------------------------------ preemption
 @pytest.mark.multiprocess
 def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(preempted_run):

@@ -497,19 +497,25 @@ def test_finetune_higher_resolution(tmp_path):
 STEPS = 24
 
 
-def _flags(data_dir, workdir):
+# The paper's augmentation in the train step: its random numbers come from (seed, step)
+# too, so a killed run still resumes bit-identical.
+DEVICE_RANDAUGMENT = ("--config.randaugment_on=device", "--config.randaugment_layers=2",
+                      "--config.randaugment_magnitude=15")
+
+
+def _flags(data_dir, workdir, extra=()):
   return config_flags(data_dir, num_train_steps=STEPS, checkpoint_every_steps=1,
                       keep_checkpoints=2, log_every_steps=4,
-                      eval_every_steps=STEPS) + [f"--workdir={workdir}"]
+                      eval_every_steps=STEPS) + [f"--workdir={workdir}"] + list(extra)
 
 
-def _start(data_dir, workdir, log_path):
+def _start(data_dir, workdir, log_path, extra=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   # Logs go to a file: a pipe nobody reads would fill up and stall the run.
   with open(log_path, "w") as log:
     return subprocess.Popen(
         [sys.executable, "-m", "mixer_jax.main", "--config=configs/default.py"]
-        + _flags(data_dir, workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        + _flags(data_dir, workdir, extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
         stderr=log)
 
 
@@ -527,7 +533,7 @@ def _wait_until_training(proc, log_path, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     with open(log_path) as f:
-      if "Training S/2" in f.read():
+      if "] Training " in f.read():
         return
     time.sleep(0.05)
 
@@ -558,19 +564,24 @@ def _assert_identical(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
+def reference(data_dir, tmp_path_factory, request):
+  """The uninterrupted run (with extra flags where a test parametrizes it):
+  (workdir, final params, training seconds, the extra flags)."""
+  extra = getattr(request, "param", ())
   workdir = tmp_path_factory.mktemp("reference")
-  log = workdir.parent / "reference.log"
-  proc = _start(data_dir, workdir, log)
+  log = workdir.parent / f"{workdir.name}.log"
+  proc = _start(data_dir, workdir, log, extra)
   _wait_until_training(proc, log)
   start = time.time()
   _finish(proc, log)
-  return workdir, _final_params(workdir), time.time() - start
+  return workdir, _final_params(workdir), time.time() - start, extra
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("reference", [(), DEVICE_RANDAUGMENT], indirect=True,
+                         ids=["host", "device_randaugment"])
 def test_sigkill_anywhere_then_restart_is_bit_identical(data_dir, tmp_path, reference):
-  _, expected, train_seconds = reference
+  _, expected, train_seconds, extra = reference
   kills = int(os.environ.get("MIXER_FAULT_KILLS", "1"))
   rng = random.Random(int(os.environ.get("MIXER_FAULT_SEED", "0")))
   workdir = tmp_path / "killed"
@@ -579,7 +590,7 @@ def test_sigkill_anywhere_then_restart_is_bit_identical(data_dir, tmp_path, refe
     attempts += 1
     assert attempts <= 4 * kills + 4, "the run made no progress between kills"
     log_path = tmp_path / f"attempt_{attempts}.log"
-    proc = _start(data_dir, workdir, log_path)
+    proc = _start(data_dir, workdir, log_path, extra)
     final_saved = os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
     if killed < kills and not final_saved:
       # Kill anywhere in the training part of the run (steps, checkpoint writes,
@@ -613,7 +624,7 @@ def test_sigkill_anywhere_then_restart_is_bit_identical(data_dir, tmp_path, refe
 @pytest.mark.faults
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path,
                                                                     reference):
-  ref_dir, expected, _ = reference
+  ref_dir, expected, _, _ = reference
   workdir = tmp_path / "truncated"
   shutil.copytree(ref_dir, workdir)
   latest = os.path.join(workdir, "checkpoints", str(STEPS))
@@ -634,8 +645,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
 # just before the moment, exit code, status). In CI the two that crashed or were
 # ignored before; MIXER_FAULT_MOMENTS=all runs every row.
 MOMENTS = {
-    "compile": ([signal.SIGINT], [], "log:Training S/2", 130, "interrupted"),
-    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:Training S/2", 130,
+    "compile": ([signal.SIGINT], [], "log:] Training ", 130, "interrupted"),
+    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:] Training ", 130,
                       "interrupted"),
     "step": ([signal.SIGINT], [], "step:5", 130, "interrupted"),
     "periodic_eval": ([signal.SIGINT], ["--config.eval_every_steps=8"],
@@ -673,7 +684,7 @@ def test_signals_at_each_moment_give_the_documented_exit_and_last_line(
   """Exit code, one JSON outcome as the last stdout line, one stderr line, no
   traceback or crash (a second Ctrl-C during compilation was exit 139); the same
   command then ends bit-identical to the uninterrupted run (docs/errors.md#exit-codes)."""
-  _, expected, _ = reference
+  _, expected, _, _ = reference
   signals, extra, when, code, status = MOMENTS[moment]
   workdir, out_path, log_path = tmp_path / "w", tmp_path / "out", tmp_path / "err"
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
