@@ -14,8 +14,8 @@ import numpy as np
 
 from mixer_jax import fewshot
 from mixer_jax import input_pipeline
-from mixer_jax import randaugment
 from mixer_jax import sharding
+from mixer_jax import steps
 
 
 def summarize(sums: Dict[str, Any]) -> Dict[str, float]:
@@ -80,7 +80,7 @@ def fewshot_metrics(feature_model, params, config, source, train_split: str, tes
   `params` its parameters (the head left out).
   """
   def features(p, batch):
-    images = randaugment.to_model_range(batch["image"])  # uint8 from the pipeline.
+    images = steps.to_model_range(batch["image"])  # uint8 from the pipeline.
     return feature_model.apply({"params": p}, images, train=False), batch["label"], \
         batch["mask"]
   # Replicated outputs: every process sees the whole global batch's features.

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from mixer_jax import optim
-from mixer_jax import randaugment
+# randaugment is imported where it is used: its module-level arrays would start the
+# XLA backend at import, before main's jax.distributed.initialize may run.
 
 # Where flip and RandAugment run (config.randaugment_on); "auto" resolves by backend.
 RANDAUGMENT_ON = ("auto", "host", "device")
@@ -37,13 +38,20 @@ def randaugment_on(config) -> str:
   return place
 
 
+def to_model_range(images):
+  """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1), on the device."""
+  from mixer_jax import randaugment
+  return randaugment.to_model_range(images)
+
+
 def prepare_images(images, key, config):
   """A training batch's uint8 images -> float32 in [-1, 1]; with randaugment_on="device"
   flipped and RandAugmented first, each example keyed by its place in the global batch
   (the whole batch: grad_accum_steps splits it afterwards), so the result depends only
   on (seed, step, position), whatever the topology."""
   if randaugment_on(config) != "device":
-    return randaugment.to_model_range(images)
+    return to_model_range(images)
+  from mixer_jax import randaugment
   positions = jnp.arange(images.shape[0])
   return randaugment.augment_batch(
       images, jax.random.fold_in(key, _AUGMENT_STREAM), positions, flip=config.train_flip,
@@ -154,8 +162,7 @@ def make_eval_step(model, config, num_classes: int, confusion: bool = False):
   With `confusion`, also `confusion[i, j]`: how many examples of class i were
   predicted as class j."""
   def step_fn(params, batch):
-    logits = model.apply({"params": params}, randaugment.to_model_range(batch["image"]),
-                         train=False)
+    logits = model.apply({"params": params}, to_model_range(batch["image"]), train=False)
     mask = batch["mask"]
     labels = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
     if config.loss == "softmax":

@@ -42,9 +42,9 @@ import numpy as np
 
 from mixer_jax import host_memory
 from mixer_jax import models
-from mixer_jax import randaugment
 from mixer_jax import sharding
 from mixer_jax import state
+from mixer_jax import steps
 from mixer_jax.errors import ConfigError
 # TensorFlow and input_pipeline are imported inside the input and end_to_end modes
 # only: the train and eval modes run where TensorFlow is not installed.
@@ -260,7 +260,7 @@ def random_batch(args):
 
 def _forward(model):
   """(params, uint8 images) -> logits, the images scaled on the device as the steps do."""
-  return lambda p, x: model.apply({"params": p}, randaugment.to_model_range(x), train=False)
+  return lambda p, x: model.apply({"params": p}, steps.to_model_range(x), train=False)
 
 
 class TrainBench:
