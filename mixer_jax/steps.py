@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from mixer_jax import optim
-# randaugment is imported where it is used: its module-level arrays would start the
-# XLA backend at import, before main's jax.distributed.initialize may run.
+# randaugment is imported by `augmenter`, when a step is built: its module-level
+# arrays would start the XLA backend at import, before main's
+# jax.distributed.initialize, and would leak as tracers if imported inside a trace.
 
 # Where flip and RandAugment run (config.randaugment_on); "auto" resolves by backend.
 RANDAUGMENT_ON = ("auto", "host", "device")
@@ -39,23 +40,27 @@ def randaugment_on(config) -> str:
 
 
 def to_model_range(images):
-  """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1), on the device."""
-  from mixer_jax import randaugment
-  return randaugment.to_model_range(images)
+  """uint8 images -> float32 in [-1, 1]: x / 127.5 - 1, the host's former scaling (and
+  randaugment.to_model_range's)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def prepare_images(images, key, config):
-  """A training batch's uint8 images -> float32 in [-1, 1]; with randaugment_on="device"
-  flipped and RandAugmented first, each example keyed by its place in the global batch
-  (the whole batch: grad_accum_steps splits it afterwards), so the result depends only
-  on (seed, step, position), whatever the topology."""
+def augmenter(config):
+  """(uint8 images, step key) -> float32 in [-1, 1], for the train step: with
+  randaugment_on="device" flipped and RandAugmented first, each example keyed by its
+  place in the global batch (the whole batch: grad_accum_steps splits it afterwards),
+  so the result depends only on (seed, step, position), whatever the topology."""
   if randaugment_on(config) != "device":
-    return to_model_range(images)
+    return lambda images, key: to_model_range(images)
   from mixer_jax import randaugment
-  positions = jnp.arange(images.shape[0])
-  return randaugment.augment_batch(
-      images, jax.random.fold_in(key, _AUGMENT_STREAM), positions, flip=config.train_flip,
-      num_layers=config.randaugment_layers, magnitude=config.randaugment_magnitude)
+
+  def augment(images, key):
+    positions = jnp.arange(images.shape[0])
+    return randaugment.augment_batch(
+        images, jax.random.fold_in(key, _AUGMENT_STREAM), positions,
+        flip=config.train_flip, num_layers=config.randaugment_layers,
+        magnitude=config.randaugment_magnitude)
+  return augment
 
 
 # ----------------------------------------------------------------------- losses
@@ -114,12 +119,13 @@ def mix_batch(rng, images, labels, mixup_alpha: float, cutmix_alpha: float):
 def make_train_step(model, tx, config, num_classes: int):
   """(state, batch) -> (state, metrics). Pure; jit it with shardings."""
   base_key = jax.random.key(config.seed)
+  prepare_images = augmenter(config)
 
   def step_fn(state, batch):
     step = state["step"]
     rng = jax.random.fold_in(base_key, step)
     mix_rng, drop_rng = jax.random.split(rng)
-    images = prepare_images(batch["image"], rng, config)
+    images = prepare_images(batch["image"], rng)
     labels = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
     if config.label_smoothing:
       labels = optax.smooth_labels(labels, config.label_smoothing)

@@ -333,7 +333,8 @@ AUGMENT = dict(randaugment_on="device", train_flip=True, randaugment_layers=2,
 def _augmented(images, seed=0, step=0, config=None):
   config = config or _config(seed=seed, **AUGMENT)
   key = jax.random.fold_in(jax.random.key(config.seed), step)  # As the train step's.
-  return np.asarray(jax.jit(lambda x: steps.prepare_images(x, key, config))(images))
+  augment = steps.augmenter(config)  # Outside the trace: it imports randaugment.
+  return np.asarray(jax.jit(lambda x: augment(x, key))(images))
 
 
 def test_device_augmentation_depends_only_on_seed_step_and_position():
@@ -370,7 +371,8 @@ assert mesh.devices.size == 8, mesh
 images = jax.device_put(test_steps._batch()["image"], sharding.batch_sharding(mesh))
 config = test_steps._config(**test_steps.AUGMENT)
 key = jax.random.fold_in(jax.random.key(config.seed), 0)
-out = jax.jit(lambda x: steps.prepare_images(x, key, config))(images)
+augment = steps.augmenter(config)
+out = jax.jit(lambda x: augment(x, key))(images)
 assert len(out.sharding.device_set) == 8
 np.save(sys.argv[2], np.asarray(out))
 """
