@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax import benchmark, randaugment
+from mixer_jax import randaugment
+from mixer_jax.tools import benchmark
 
 
 def _cost(compiled):
