@@ -50,8 +50,9 @@ AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 # PIL's ITU-R 601-2 luma weights, as augment._LUMA.
 _LUMA = (0.299, 0.587, 0.114)
 _LEVELS = jnp.arange(256, dtype=jnp.float32)
-# level * weight rounded to float32, per channel: numpy rounds each product once.
-_LUMA_PRODUCTS = np.arange(256, dtype=np.float32)[None] * np.asarray(_LUMA, np.float32)[:, None]
+# Each float32 weight as an integer mantissa (24 bits) times a power of two.
+_LUMA_MANTISSAS = [(int(np.ldexp(m, 24)), np.ldexp(1.0, e - 24))
+                   for m, e in map(np.frexp, np.asarray(_LUMA, np.float32))]
 
 
 def _product(a, b):
@@ -77,10 +78,13 @@ def _grayscale(images):
 
   TensorFlow's tensordot sums the three float32-rounded products left to right (checked
   on all 2**24 colours); a dot, or XLA's fused multiply-adds, differ on ~1,400 colours
-  whose luma is within a rounding of .5. The products come from a table (indexed by the
-  pixels themselves: no index arrays to build), so only additions are left to compile.
+  whose luma is within a rounding of .5. So each product is made in integers, where
+  nothing can contract it: level * weight = (level * mantissa) * 2**exponent, the
+  integer product (< 2**32) rounded to float32 by the conversion, then scaled exactly.
   """
-  r, g, b = (jnp.asarray(_LUMA_PRODUCTS[c])[images[..., c]] for c in range(3))
+  x = images.astype(jnp.uint32)
+  r, g, b = ((x[..., c] * np.uint32(m)).astype(jnp.float32) * np.float32(scale)
+             for c, (m, scale) in enumerate(_LUMA_MANTISSAS))
   return jnp.round((r + g) + b).astype(jnp.uint8)[..., None]
 
 
