@@ -5,7 +5,11 @@ r"""Device RandAugment's cost beside the train step it feeds (issue 33 item 5).
 
 FLOPs and bytes: XLA's cost analysis of the compiled programs, (a) flip + RandAugment
 2/15 + uint8 -> [-1, 1] on a uint8 batch, (b) the train step as benchmark.TrainBench
-builds it (state.Setup), both at --batch_size. CPU time: the median of --steps runs of
+builds it (state.Setup), both at --batch_size. RandAugment's layers run as a loop
+(randaugment.apply_layers), whose body XLA's cost analysis counts once whatever the
+trip count, so (a) is the program without RandAugment plus --layers times the cost of one
+layer (the 1-layer program minus the 0-layer one); the 2-layer program's own count is
+printed beside it ("augment_*_as_compiled"). CPU time: the median of --steps runs of
 both at --time_batch with --time_variant (B/16 at batch 256 is too slow on a small CPU).
 Prints one JSON line.
 """
@@ -70,8 +74,10 @@ def main():
   p.add_argument("--magnitude", type=float, default=15)
   a = p.parse_args()
 
-  augment, _ = _augment(a.batch_size, a.image_size, a.layers, a.magnitude)
-  aug_flops, aug_bytes = _cost(augment)
+  base, one_layer, compiled = (
+      _cost(_augment(a.batch_size, a.image_size, layers, a.magnitude)[0])
+      for layers in (0, 1, a.layers))
+  aug_flops, aug_bytes = (b + a.layers * (one - b) for b, one in zip(base, one_layer))
   train = benchmark.TrainBench(_bench_args(a.variant, a.batch_size, a.image_size))
   step_flops, step_bytes = _cost(train.compiled)
   del train
@@ -85,6 +91,7 @@ def main():
       "cost_batch": a.batch_size, "image_size": a.image_size,
       "randaugment": f"{a.layers}/{a.magnitude:g} + flip + scaling",
       "augment_flops": aug_flops, "augment_bytes": aug_bytes,
+      "augment_flops_as_compiled": compiled[0], "augment_bytes_as_compiled": compiled[1],
       "step_flops": step_flops, "step_bytes": step_bytes,
       "flops_fraction": aug_flops / step_flops, "bytes_fraction": aug_bytes / step_bytes,
       "time_variant": a.time_variant, "time_batch": a.time_batch,

@@ -2,8 +2,8 @@
 
 The same 15 operations, in the same order (`OP_NAMES` is `augment.OPS`'s keys), with the
 same magnitude -> argument map and the same pixel arithmetic as the host ops, so an image
-given the same ops and arguments comes out the same (tests/test_randaugment.py states the
-measured difference per op). Images are uint8 `(B, H, W, 3)`; every op returns uint8,
+given the same ops and arguments comes out the same, bit for bit on CPU, op by op and
+for the whole RandAugment (tests/test_randaugment.py). Images are uint8 `(B, H, W, 3)`; every op returns uint8,
 rounding as the host does between layers.
 
 Randomness: example i of a batch draws its ops and signs from
@@ -11,15 +11,26 @@ Randomness: example i of a batch draws its ops and signs from
 holds the examples' places in the GLOBAL batch. An example's result therefore depends
 only on (seed, step, position), whichever device or host computes it.
 
-How the batch runs: under `vmap` every example computes the three kinds of op and
-selects its own (no per-example control flow):
-  - table ops (identity, auto_contrast, equalize, solarize, posterize, contrast,
-    brightness, solarize_add) are a per-channel 256-entry lookup table, built from the
-    image's statistics, applied by one gather;
-  - blend ops (color, sharpness) blend the image with a degenerate image (grey, smooth);
-  - affine ops (rotate, shear_x/y, translate_x/y) are one bilinear warp with the
-    example's transform, ImageProjectiveTransformV3's arithmetic (output -> input map,
-    points outside [0, side - 1] filled with grey, neighbours outside read as grey).
+How the batch runs: no per-example control flow and no float32 candidate images. Each
+layer is two stages over the whole batch, every example picking its own parameters, and
+a stage is the exact identity for examples whose op is of another kind:
+  - colour (`_colour_one` under vmap): a per-channel 256-entry uint8 table, then a blend
+    with a degenerate image. Table ops (identity, auto_contrast, equalize, solarize,
+    posterize, contrast, brightness, solarize_add) build their table from the image's
+    statistics (`Stats`: its rounded luma and per-channel histogram, computed once per
+    layer); the others get the identity table. Blend ops (color, sharpness) blend with
+    grey or PIL's smoothed image at their factor; the others get factor 1, which gives
+    back the uint8 image exactly.
+  - warp (`_warp`, batched): ImageProjectiveTransformV3's bilinear output -> input map
+    with each example's transform (rotate, shear_x/y, translate_x/y), the identity
+    transform for the others (weights 1 and 0: exact). Grey fill outside, neighbours
+    outside read as grey, as TF's.
+Layers run as a `lax.scan`, so each layer's uint8 output is written once (unrolled, XLA
+fuses one layer's warp into the next layer's many reads of it and recomputes it there).
+
+Arguments (`op_arguments`) are computed on the host in numpy float32, in the host's order:
+inside the jitted program XLA folds the constant magnitude into the products and lands
+some factors one float32 step off, which moved blends by a level.
 
 Written here rather than taken from dm-pix: its contrast is TF's (per-channel mean) not
 PIL's (grey-level mean) that the host uses, its grey is not rounded as PIL's, its
@@ -379,18 +390,23 @@ def apply_layers(images, indices, signs, magnitude):
   h, w = images.shape[1:3]
   # Row 0: sign -1, row 1: sign +1; `magnitude` is a number (a config value), not traced.
   table = jnp.asarray(np.stack([op_arguments(magnitude, s, h, w) for s in (-1.0, 1.0)]))
-  for layer in range(indices.shape[1]):
-    index = indices[:, layer]
-    arg = table[(signs[:, layer] > 0).astype(jnp.int32), index]
-    images = _apply(images, index, arg)
-  return images
+
+  def layer(images, drawn):
+    index, sign = drawn
+    return _apply(images, index, table[(sign > 0).astype(jnp.int32), index]), None
+
+  # A loop, not an unrolled one: XLA would fuse a layer's warp into the next layer's
+  # reads and recompute it for each (4-8x the CPU time at 2 layers); one body also
+  # compiles once.
+  return jax.lax.scan(layer, images, (indices.T, signs.T))[0]
 
 
 def randaugment(images, key, positions, num_layers: int = 2, magnitude=15):
   """`num_layers` ops drawn uniformly from OP_NAMES per example, at `magnitude` (0-30).
 
   images: uint8 (B, H, W, 3); key: `fold_in(key(seed), step)`; positions: (B,) int, the
-  examples' places in the global batch.
+  examples' places in the global batch; num_layers and magnitude: numbers (config values,
+  static under jit).
   """
   if num_layers == 0:
     return images

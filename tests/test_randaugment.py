@@ -23,7 +23,7 @@ import tensorflow as tf
 from mixer_jax import augment, randaugment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-B, H, W = 16, 32, 32
+B, H, W = 16, 28, 36  # Not square: height and width must not be swapped.
 MAGNITUDES = (0, 5, 15, 30)
 
 # Max |device - host| in uint8 levels per op. 0 for all: colour ops are tables or
@@ -127,7 +127,7 @@ import hashlib, json
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixer_jax import randaugment
-images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
+images = np.random.default_rng(0).integers(0, 256, (16, %d, %d, 3)).astype(np.uint8)
 key = jax.random.fold_in(jax.random.key(4), 9)
 run = jax.jit(randaugment.randaugment, static_argnums=(3, 4))
 batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
@@ -141,7 +141,7 @@ print("RESULT " + json.dumps({"devices": jax.device_count(),
 def test_a_sharded_batch_gives_the_same_bits_on_8_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
+  result = subprocess.run([sys.executable, "-c", _SHARDED % (H, W)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.split("RESULT ", 1)[1])
