@@ -112,14 +112,18 @@ def test_an_example_depends_only_on_seed_step_and_position():
   images = jnp.asarray(_images(seed=2))
   positions = np.arange(100, 100 + B)
   key = jax.random.fold_in(jax.random.key(0), 5)
-  whole = np.asarray(_RANDAUGMENT(images, key, positions, 2, 15))
+  # The train step's entry point: flip, RandAugment 2/15, scaling (one compile).
+  run = jax.jit(lambda x, k, p: randaugment.augment_batch(x, k, p, flip=True, num_layers=2))
+  whole = np.asarray(run(images, key, positions))
+  flipped = randaugment.random_flip(images, jax.random.fold_in(key, 0), positions)
+  augmented = _RANDAUGMENT(flipped, jax.random.fold_in(key, 1), positions, 2, 15)
+  np.testing.assert_array_equal(whole, np.asarray(jax.jit(randaugment.to_model_range)(augmented)))
   # The same examples in another order (another place in the batch, same positions).
   order = np.random.default_rng(0).permutation(B)
-  shuffled = np.asarray(_RANDAUGMENT(images[order], key, positions[order], 2, 15))
-  np.testing.assert_array_equal(whole[order], shuffled)
+  np.testing.assert_array_equal(whole[order], np.asarray(run(images[order], key, positions[order])))
   # Another step draws other ops.
   other = jax.random.fold_in(jax.random.key(0), 6)
-  assert not np.array_equal(whole, np.asarray(_RANDAUGMENT(images, other, positions, 2, 15)))
+  assert not np.array_equal(whole, np.asarray(run(images, other, positions)))
 
 
 _SHARDED = r"""
