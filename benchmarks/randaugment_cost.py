@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +34,11 @@ def _cost(compiled):
 
 
 def _bench_args(variant, batch_size, image_size):
-  return types.SimpleNamespace(
-      variant=variant, batch_size=batch_size, image_size=image_size, num_classes=1000,
-      num_blocks=0, hidden_dim=0, tokens_mlp_dim=0, channels_mlp_dim=0, stoch_depth=0.0,
-      remat_policy="none", scan=False, kernels="xla", dtype="float32", weight_decay=0.0,
-      mixup_alpha=0.0)
+  """benchmark.py's own arguments (so its checks and defaults apply): the float32 step."""
+  return benchmark.parse_args([
+      "--mode=train", f"--variant={variant}", f"--batch_size={batch_size}",
+      f"--image_size={image_size}", "--dtype=float32", "--kernels=xla",
+      "--weight_decay=0", "--mixup_alpha=0", "--stoch_depth=0"])
 
 
 def _augment(batch_size, image_size, num_layers, magnitude):
