@@ -42,7 +42,7 @@ SPECIAL_ACCEPTS = ("all", "restart")
 EXTEND_OR_OBSERVE = frozenset((
     "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "log_image_grid", "eval_batch_size",
-    "fewshot_every_steps", "fewshot_shots", "fewshot_train_split"))
+    "fewshot_every_steps", "fewshot_shots", "fewshot_train_split", "fewshot_layer"))
 EXECUTION = frozenset((
     "mesh_model", "sharding", "fsdp_min_size", "model.kernels", "model.scan",
     "model.remat_policy", "data_dir", "manual_dir", "cache_train"))
