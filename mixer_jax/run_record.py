@@ -198,8 +198,8 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str], workdir:
       del found[key]
     # Records written before the model resolved its fields hold 0 for "the variant's
     # own value": the same model while the variant is unchanged.
-    elif (key.startswith("model.") and old == 0 and new is not None
-          and "model.variant" not in found):
+    elif (key.startswith("model.") and type(old) is int and old == 0  # Not False.
+          and new is not None and "model.variant" not in found):
       del found[key]
   # With a fixed step count the epoch count is read by nothing (train.total_train_steps).
   if "num_epochs" in found and found.get("num_train_steps") is None and (
