@@ -545,7 +545,7 @@ def _wait_until_training(proc, log_path, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     with open(log_path) as f:
-      if "Training S/2" in f.read():
+      if " params) for " in f.read():  # "Training <name> (N params) for ... steps"
         return
     time.sleep(0.05)
 
@@ -652,8 +652,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
 # just before the moment, exit code, status). In CI the two that crashed or were
 # ignored before; MIXER_FAULT_MOMENTS=all runs every row.
 MOMENTS = {
-    "compile": ([signal.SIGINT], [], "log:Training S/2", 130, "interrupted"),
-    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:Training S/2", 130,
+    "compile": ([signal.SIGINT], [], "log:Compiling the train step", 130, "interrupted"),
+    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:Compiling the train step", 130,
                       "interrupted"),
     "step": ([signal.SIGINT], [], "step:5", 130, "interrupted"),
     "periodic_eval": ([signal.SIGINT], ["--config.eval_every_steps=8"],
