@@ -5,7 +5,11 @@ r"""Device RandAugment's cost beside the train step it feeds (issue 33 item 5).
 
 FLOPs and bytes: XLA's cost analysis of the compiled programs, (a) flip + RandAugment
 2/15 + uint8 -> [-1, 1] on a uint8 batch, (b) the train step as benchmark.TrainBench
-builds it (state.Setup), both at --batch_size. CPU time: the median of --steps runs of
+builds it (state.Setup), both at --batch_size. RandAugment's layers run as a loop
+(randaugment.apply_layers), whose body XLA's cost analysis counts once whatever the
+trip count, so (a) is the program without RandAugment plus --layers times the cost of one
+layer (the 1-layer program minus the 0-layer one); the 2-layer program's own count is
+printed beside it ("augment_*_as_compiled"). CPU time: the median of --steps runs of
 both at --time_batch with --time_variant (B/16 at batch 256 is too slow on a small CPU).
 Prints one JSON line.
 """
@@ -14,13 +18,13 @@ import argparse
 import json
 import statistics
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax import benchmark, randaugment
+from mixer_jax import randaugment
+from mixer_jax.tools import benchmark
 
 
 def _cost(compiled):
@@ -30,11 +34,11 @@ def _cost(compiled):
 
 
 def _bench_args(variant, batch_size, image_size):
-  return types.SimpleNamespace(
-      variant=variant, batch_size=batch_size, image_size=image_size, num_classes=1000,
-      num_blocks=0, hidden_dim=0, tokens_mlp_dim=0, channels_mlp_dim=0, stoch_depth=0.0,
-      remat_policy="none", scan=False, kernels="xla", dtype="float32", weight_decay=0.0,
-      mixup_alpha=0.0)
+  """benchmark.py's own arguments (so its checks and defaults apply): the float32 step."""
+  return benchmark.parse_args([
+      "--mode=train", f"--variant={variant}", f"--batch_size={batch_size}",
+      f"--image_size={image_size}", "--dtype=float32", "--kernels=xla",
+      "--weight_decay=0", "--mixup_alpha=0", "--stoch_depth=0"])
 
 
 def _augment(batch_size, image_size, num_layers, magnitude):
@@ -69,8 +73,10 @@ def main():
   p.add_argument("--magnitude", type=float, default=15)
   a = p.parse_args()
 
-  augment, _ = _augment(a.batch_size, a.image_size, a.layers, a.magnitude)
-  aug_flops, aug_bytes = _cost(augment)
+  base, one_layer, compiled = (
+      _cost(_augment(a.batch_size, a.image_size, layers, a.magnitude)[0])
+      for layers in (0, 1, a.layers))
+  aug_flops, aug_bytes = (b + a.layers * (one - b) for b, one in zip(base, one_layer))
   train = benchmark.TrainBench(_bench_args(a.variant, a.batch_size, a.image_size))
   step_flops, step_bytes = _cost(train.compiled)
   del train
@@ -84,6 +90,7 @@ def main():
       "cost_batch": a.batch_size, "image_size": a.image_size,
       "randaugment": f"{a.layers}/{a.magnitude:g} + flip + scaling",
       "augment_flops": aug_flops, "augment_bytes": aug_bytes,
+      "augment_flops_as_compiled": compiled[0], "augment_bytes_as_compiled": compiled[1],
       "step_flops": step_flops, "step_bytes": step_bytes,
       "flops_fraction": aug_flops / step_flops, "bytes_fraction": aug_bytes / step_bytes,
       "time_variant": a.time_variant, "time_batch": a.time_batch,

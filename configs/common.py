@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fewshot_every_steps = 0
   c.fewshot_shots = (1, 5, 10)
   c.fewshot_train_split = ""    # Pool of the few-shot examples; "" = train_split.
+  c.fewshot_layer = "pre_logits"  # Or "block_K": block K's tokens averaged (models.capture).
   # Scale-out (sharding.py).
   c.sharding = "replicate"      # "replicate" | "fsdp".
   c.mesh_model = 1              # Size of the second ("model") mesh axis.

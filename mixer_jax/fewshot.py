@@ -156,7 +156,9 @@ class FewShotEvaluator:
 
   Args:
     features_fn: (params, images) -> (B, D) pre-logits, e.g. a jitted
-      `create_model(..., num_classes=0).apply({"params": p}, x)`.
+      `create_model(..., num_classes=0).apply({"params": p}, x)`; it gets the images as
+      the batches hold them (the input pipelines' are uint8: it scales them to [-1, 1],
+      as evaluator.fewshot_metrics does with steps.to_model_range).
     datasets: name -> (make_train_batches, make_test_batches, num_classes), where each
       `make_*` is a zero-argument callable returning an iterable of batches
       ((images, labels) or dicts with "image", "label" and optional "mask").

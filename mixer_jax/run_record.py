@@ -42,7 +42,7 @@ SPECIAL_ACCEPTS = ("all", "restart")
 EXTEND_OR_OBSERVE = frozenset((
     "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "log_image_grid", "eval_batch_size",
-    "fewshot_every_steps", "fewshot_shots", "fewshot_train_split"))
+    "fewshot_every_steps", "fewshot_shots", "fewshot_train_split", "fewshot_layer"))
 EXECUTION = frozenset((
     "mesh_model", "sharding", "fsdp_min_size", "model.kernels", "model.scan",
     "model.remat_policy", "data_dir", "manual_dir", "cache_train"))
@@ -202,8 +202,8 @@ def check_resume(record: Dict[str, Any], config, accept: Sequence[str], workdir:
       del found[key]
     # Records written before the model resolved its fields hold 0 for "the variant's
     # own value": the same model while the variant is unchanged.
-    elif (key.startswith("model.") and old == 0 and new is not None
-          and "model.variant" not in found):
+    elif (key.startswith("model.") and type(old) is int and old == 0  # Not False.
+          and new is not None and "model.variant" not in found):
       del found[key]
   # With a fixed step count the epoch count is read by nothing (train.total_train_steps).
   if "num_epochs" in found and found.get("num_train_steps") is None and (

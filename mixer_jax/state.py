@@ -15,6 +15,7 @@ or any object with the same fields).
 """
 
 import dataclasses
+import re
 from typing import Any, Dict, Optional
 
 import jax
@@ -98,6 +99,7 @@ def validate_config(config) -> None:
   check("randaugment_magnitude", lambda v: 0 <= v <= 30, "in [0, 30] (paper: 15)")
   check("eval_crop_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
   validate_model(config)
+  _check_fewshot_layer(config)
   for name, allowed in (("loss", LOSSES), ("nonfinite", NONFINITE),
                         ("optimizer", optim.OPTIMIZERS), ("lr_decay", optim.SCHEDULES),
                         ("sharding", sharding.STRATEGIES),
@@ -114,6 +116,16 @@ def resolve_randaugment_on(config) -> None:
   the entry point: the run record then holds where the augmentation ran."""
   if getattr(config, "randaugment_on", None) == "auto":
     config.randaugment_on = steps.randaugment_on(config)
+
+
+def _check_fewshot_layer(config, blocks: Optional[int] = None) -> None:
+  layer = config.get("fewshot_layer", "pre_logits")
+  blocks = blocks or config.model.num_blocks
+  m = re.fullmatch(r"block_(\d+)", str(layer))
+  if layer != "pre_logits" and not (m and (blocks is None or int(m.group(1)) < blocks)):
+    raise errors.ConfigError(
+        f"config.fewshot_layer={layer!r} is not pre_logits or block_K with K in 0.."
+        f"{(blocks or 1) - 1} (the model's blocks); probe one of them.")
 
 
 def eval_batch_size(config, mesh) -> int:
@@ -348,8 +360,14 @@ class Setup:
             "opt_state": self.tx.init(params)}
 
   def feature_model(self):
-    """The evaluation model without its head: pooled pre-logits (few-shot probes)."""
-    return self._intercepted(plain_model(self.config, 0, self.fields, train=False))
+    """The evaluation model without its head, for the few-shot probes: its pooled
+    pre-logits, or with config.fewshot_layer="block_K" block K's tokens averaged."""
+    model = self._intercepted(plain_model(self.config, 0, self.fields, train=False))
+    layer = self.config.get("fewshot_layer", "pre_logits")
+    if layer == "pre_logits":
+      return model
+    _check_fewshot_layer(self.config, self.fields["num_blocks"])  # The checkpoint's depth.
+    return models.block_features(model, int(layer[len("block_"):]))
 
   def place_params(self, params):
     """Host numpy parameters (the same on every process), in either block layout (the

@@ -111,6 +111,7 @@ def train_and_evaluate(config, workdir: str, accept_changes=(),
     run.check_model(record)
     input_pipeline.check_image_size(source, config)  # Fixed-size images vs image_size.
     # Compiled before any state is placed: a step that cannot fit is one sentence.
+    logging.info("Compiling the train step of %s.", config.model.name)
     train_step = device_memory.compiled_train_step(setup, config.batch_size)
 
     # --- Train state: restored, or fresh (with init_from merged in) ---------------

@@ -46,7 +46,6 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import traverse_util
-from flax.training import checkpoints as flax_checkpoints
 
 from mixer_jax import checkpoint
 from mixer_jax import errors
@@ -131,6 +130,24 @@ def _widened(array: np.ndarray) -> np.ndarray:
   return array
 
 
+def _linen_numbering(tree):
+  """flax's `convert_pre_linen` (pre-linen numbered submodules of all kinds with one
+  counter: `LayerNorm_0`, `LayerNorm_2`; linen counts per kind), written here because
+  flax.training.checkpoints imports TensorFlow, which the GPU images lack."""
+  if not isinstance(tree, Mapping):
+    return tree
+  counts, out = {}, {}
+  for name in sorted(tree, key=lambda k: [int(t) if t.isdigit() else t
+                                          for t in re.split(r"(\d+)", str(k))]):
+    match = re.fullmatch(r"(.*)_(\d+)", str(name))
+    key = name
+    if match:
+      key = f"{match.group(1)}_{counts.get(match.group(1), 0)}"
+      counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    out[key] = _linen_numbering(tree[name])
+  return out
+
+
 def from_big_vision_layout(tree: Dict[str, Any]) -> Dict[str, Any]:
   """The released layout of a Mixer file in big_vision's second layout (the pre-linen
   one its `mlp_mixer.load` also accepts), else `tree` as it is.
@@ -138,13 +155,13 @@ def from_big_vision_layout(tree: Dict[str, Any]) -> Dict[str, Any]:
   That layout names the stem `embedding`, the blocks `Mixer/encoderblock_<i>` with
   `token_mixing_phase_0` / `channel_mixing_phase_0` MLPs of `kernel1, bias1, kernel2,
   bias2` (possibly with singleton axes), and the final norm `Mixer/encoder_norm`.
-  Submodule numbers are made linen's with flax's own `convert_pre_linen`; the result
+  Submodule numbers are made linen's as flax's `convert_pre_linen` does; the result
   is then checked key by key like any released file.
   """
   mixer = tree.get("Mixer")
   if not isinstance(mixer, Mapping) or not any(str(k).startswith("encoderblock_") for k in mixer):
     return tree
-  tree = flax_checkpoints.convert_pre_linen(dict(tree))
+  tree = _linen_numbering(tree)
   mixer = dict(tree.pop("Mixer"))
 
   def mlp(d):

@@ -259,6 +259,8 @@ class Session:
     self.saved_steps = checkpoint.saved_steps(workdir)
     self.accepted = check_record(workdir, config, self.saved_steps, self.accept)
     self.outcome["saved_step"] = max(self.saved_steps, default=None)
+    # Until the state is restored the run stands where its newest checkpoint is.
+    self.outcome["step"] = max(self.saved_steps, default=0)
 
   def check_fresh_start(self, ckpts, checkpoint_every_steps: int) -> None:
     check_fresh_start(self.workdir, ckpts, self.accept, checkpoint_every_steps)

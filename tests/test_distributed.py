@@ -245,7 +245,10 @@ def test_run_stopped_under_two_processes_resumes_under_one(preempted_run, tmp_pa
   end = step + 2
   flags = _flags(preempted_run["data_dir"], num_train_steps=end, eval_every_steps=end)
   reference_dir = tmp_path / "uninterrupted"
-  resumed, reference = run_mains(([f"--workdir={workdir}"] + flags, _env(XLA_FLAGS="")),
+  # The preempted run was started long (num_train_steps 1000) to be stopped; ending it
+  # at `end` is a length change, accepted (the schedule is constant: _overrides).
+  resumed, reference = run_mains(([f"--workdir={workdir}", "--accept_changes=num_train_steps"]
+                                  + flags, _env(XLA_FLAGS="")),
                                  ([f"--workdir={reference_dir}"] + flags, _env(XLA_FLAGS="")))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from step {step}" in resumed.stderr

@@ -218,12 +218,13 @@ def test_different_variant_in_workdir_keeps_checkpoints(data_dir, small_trained,
   before = sorted(os.listdir(small_trained / "checkpoints"))
   code, err = guarded_run(tiny_config(data_dir, **{"model.num_blocks": 3}), small_trained, capsys)
   assert code == errors.USER_ERROR
-  assert_one_sentence(err, "changes the run (model.num_blocks: 2 -> 3)")
-  # A workdir without its record (config.json) is still checked against model.json.
+  assert_one_sentence(err, "changes the run (model.num_blocks: 2 -> 3;")
+  # A workdir without its record (config.json) is checked against the config its
+  # checkpoints carry.
   os.remove(small_trained / "config.json")
   code, err = guarded_run(tiny_config(data_dir, **{"model.num_blocks": 3}), small_trained, capsys)
   assert code == errors.USER_ERROR
-  assert_one_sentence(err, "holds checkpoints of a different model")
+  assert_one_sentence(err, "changes the run (model.num_blocks: 2 -> 3;")
   assert sorted(os.listdir(small_trained / "checkpoints")) == before
 
 

@@ -128,8 +128,10 @@ def test_importing_the_package_has_no_side_effects():
 
 
 def test_setup_path_imports_no_tensorflow():
-  # state.py (and everything under it) runs on GPU images without TensorFlow.
-  code = ("import sys; import mixer_jax.state, mixer_jax.tools.benchmark; "
+  # state.py (and everything under it) and the weight files (export, the released and
+  # timm layouts, hf-hub:) run on GPU images without TensorFlow.
+  code = ("import sys; import mixer_jax.state, mixer_jax.tools.benchmark, "
+          "mixer_jax.weights, mixer_jax.export, mixer_jax.randaugment; "
           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', "
           "'clu') if m in sys.modules))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

@@ -250,10 +250,10 @@ def test_training_on_one_class_is_refused(tmp_path):
 
 
 def test_resume_with_moved_split_boundaries_is_logged_with_both_counts(tmp_path, caplog):
-  from mixer_jax import checkpoint, workdir
+  from mixer_jax import run_record, workdir
   record = dict(model={"hidden_dim": 8}, num_classes=2, image_size=8,
                 split_sizes={"train[:75%]": 60, "train[75%:]": 20})
-  checkpoint.write_model_file(str(tmp_path), record)
+  run_record.write_model_file(str(tmp_path), record)
   workdir.check_same_model(str(tmp_path), record)
   assert "Split" not in caplog.text
   moved = dict(record, split_sizes={"train[:75%]": 63, "train[75%:]": 21})

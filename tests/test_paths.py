@@ -48,7 +48,7 @@ def test_relative_workdir_and_data_dir_train_save_and_resume(data_dir, tmp_path,
   monkeypatch.chdir(tmp_path)
   config = tiny_config(relative_data, num_train_steps=6)
   paths.resolve_config(config)
-  train.train_and_evaluate(config, paths.resolve("runs/x"))
+  train.train_and_evaluate(config, paths.resolve("runs/x"), ["num_train_steps"])
   train_steps = [r["step"] for r in read_metrics("runs/x") if "train/loss" in r]
   assert train_steps == [2, 4, 6]  # Step 2 logged once: it resumed, it did not start over.
   assert not (tmp_path / "runs" / "x" / "unreadable_checkpoints").exists()

@@ -54,6 +54,25 @@ def trained(data_dir, tmp_path_factory):
   return workdir, result
 
 
+
+@pytest.mark.slow
+def test_fewshot_probe_of_a_middle_block_on_the_digits(trained, data_dir):
+  """config.fewshot_layer=block_K probes block K's tokens (models.capture) instead of
+  the pre-logits: other features, other accuracies, the same evaluation."""
+  from mixer_jax import evaluate
+  workdir, _ = trained
+  results = {}
+  for layer in ("pre_logits", "block_0"):
+    c = tiny_config(data_dir, fewshot_layer=layer, fewshot_shots=(5,))
+    results[layer] = evaluate.evaluate(c, workdir, fewshot=True)
+  for r in results.values():
+    assert 0.0 <= r["fewshot_5shot"] <= 1.0 and r["num_examples"] == 355
+  assert results["block_0"]["fewshot_5shot"] != results["pre_logits"]["fewshot_5shot"]
+  assert results["block_0"]["top1"] == results["pre_logits"]["top1"]
+  bad = tiny_config(data_dir, fewshot_layer="block_9")
+  with pytest.raises(errors.ConfigError, match="fewshot_layer='block_9' is not pre_logits"):
+    evaluate.evaluate(bad, workdir, fewshot=True)
+
 @pytest.mark.slow
 def test_training_writes_metrics_events_and_checkpoints(trained):
   workdir, result = trained
@@ -533,7 +552,7 @@ def _wait_until_training(proc, log_path, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     with open(log_path) as f:
-      if "] Training " in f.read():
+      if " params) for " in f.read():  # "Training <name> (N params) for ... steps"
         return
     time.sleep(0.05)
 
@@ -645,8 +664,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
 # just before the moment, exit code, status). In CI the two that crashed or were
 # ignored before; MIXER_FAULT_MOMENTS=all runs every row.
 MOMENTS = {
-    "compile": ([signal.SIGINT], [], "log:] Training ", 130, "interrupted"),
-    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:] Training ", 130,
+    "compile": ([signal.SIGINT], [], "log:Compiling the train step", 130, "interrupted"),
+    "double_ctrl_c": ([signal.SIGINT, signal.SIGINT], [], "log:Compiling the train step", 130,
                       "interrupted"),
     "step": ([signal.SIGINT], [], "step:5", 130, "interrupted"),
     "periodic_eval": ([signal.SIGINT], ["--config.eval_every_steps=8"],

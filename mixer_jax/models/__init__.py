@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from mixer_jax.models import blocks, gmlp, layers, mixer, resmlp
+from mixer_jax.models import blocks, features, gmlp, layers, mixer, resmlp
 from mixer_jax.models.blocks import LAYOUTS, REMAT_POLICIES, SCANNED, UNROLLED, model_layout
 
 # Paper Table 1: hidden size C, blocks, token-MLP width D_S, channel-MLP width D_C.
@@ -86,6 +86,27 @@ _FAMILIES = []
 
 def register(family: Family):
   _FAMILIES.append(family)
+
+
+def family_of_model(model) -> Family:
+  """The registered family of a model instance (kernels' wrapper seen through)."""
+  module = type(getattr(model, "model", model))
+  found = next((f for f in _FAMILIES if issubclass(module, f.module)), None)
+  if found is None:
+    raise ValueError(f"{module.__name__} is not a registered family's model.")
+  return found
+
+
+def capture(model, params, images, *, mixing: bool = False, **apply_kwargs):
+  """Each block's output (and with `mixing` its token- and channel-mixing outputs),
+  stacked on the block axis, beside the model's output: features.capture."""
+  return features.capture(model, params, images, mixing=mixing,
+                          block=family_of_model(model).block_name, **apply_kwargs)
+
+
+def block_features(model, layer: int):
+  """`model` as a features model of block `layer` (tokens averaged): few-shot probes."""
+  return features.BlockFeatures(model, layer, family_of_model(model).block_name)
 
 
 def families():

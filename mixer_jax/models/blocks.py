@@ -73,7 +73,8 @@ def run_blocks(model, block_class, x, *, train: bool):
            if train and model.stoch_depth > 0.0 else None)
   if scan:
     body = lambda block, x, rate: (block(x, train, rate), None)
-    x, _ = nn.scan(body, variable_axes={"params": 0},
+    # Intermediates (features.capture) stack on the block axis like the parameters.
+    x, _ = nn.scan(body, variable_axes={"params": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True},
                    length=n)(block(name=prefix), x, rates)
     return x
