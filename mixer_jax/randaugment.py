@@ -60,7 +60,7 @@ AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 # PIL's ITU-R 601-2 luma weights, as augment._LUMA.
 _LUMA = (0.299, 0.587, 0.114)
-_LEVELS = jnp.arange(256, dtype=jnp.float32)
+_LEVELS = np.arange(256, dtype=np.float32)
 # Each float32 weight as an integer mantissa (24 bits) times a power of two.
 _LUMA_MANTISSAS = [(int(np.ldexp(m, 24)), np.ldexp(1.0, e - 24))
                    for m, e in map(np.frexp, np.asarray(_LUMA, np.float32))]
@@ -259,7 +259,7 @@ def translate_y(height, width, pixels):
   return jnp.stack([1.0, 0.0, 0.0, 0.0, 1.0, -pixels])
 
 
-_IDENTITY_TRANSFORM = jnp.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], jnp.float32)
+_IDENTITY_TRANSFORM = np.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], np.float32)
 
 
 def _warp(images, transforms):
@@ -302,7 +302,7 @@ def _warp(images, transforms):
 _TABLE_FNS = {name: globals()[name] for name in TABLE_OPS}
 _BLEND_FNS = {name: globals()[name] for name in BLEND_OPS}
 _AFFINE_FNS = {name: globals()[name] for name in AFFINE_OPS}
-_KIND = jnp.asarray([0 if n in TABLE_OPS else 1 if n in BLEND_OPS else 2 for n in OP_NAMES])
+_KIND = np.asarray([0 if n in TABLE_OPS else 1 if n in BLEND_OPS else 2 for n in OP_NAMES])
 
 
 def _slot(names, index):
@@ -324,7 +324,7 @@ def _colour_one(image, index, arg, stats):
   the image exactly (its values are integers). Both degenerates read the layer's input:
   for a blend op the table was the identity.
   """
-  kind = _KIND[index]
+  kind = jnp.asarray(_KIND)[index]
   tables = jnp.stack([fn(image, arg, stats) for fn in _TABLE_FNS.values()])
   table = jnp.where(kind == 0, _to_uint8(tables[_slot(TABLE_OPS, index)]),
                     jnp.arange(256, dtype=jnp.uint8))
@@ -345,7 +345,7 @@ def _apply(images, index, arg):
   stats = Stats(_grayscale(images), histograms(images))
   images = jax.vmap(_colour_one)(images, index, arg, stats)
   transforms = jax.vmap(lambda a: jnp.stack([fn(h, w, a) for fn in _AFFINE_FNS.values()]))(arg)
-  transform = jnp.where((_KIND[index] == 2)[:, None],
+  transform = jnp.where((jnp.asarray(_KIND)[index] == 2)[:, None],
                         jnp.take_along_axis(transforms, _slot(AFFINE_OPS, index)[:, None, None],
                                             axis=1)[:, 0],
                         _IDENTITY_TRANSFORM)

@@ -19,9 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from mixer_jax import optim
-# randaugment is imported by `augmenter`, when a step is built: its module-level
-# arrays would start the XLA backend at import, before main's
-# jax.distributed.initialize, and would leak as tracers if imported inside a trace.
+from mixer_jax import randaugment
 
 # Where flip and RandAugment run (config.randaugment_on); "auto" resolves by backend.
 RANDAUGMENT_ON = ("auto", "host", "device")
@@ -39,10 +37,7 @@ def randaugment_on(config) -> str:
   return place
 
 
-def to_model_range(images):
-  """uint8 images -> float32 in [-1, 1]: x / 127.5 - 1, the host's former scaling (and
-  randaugment.to_model_range's)."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
+to_model_range = randaugment.to_model_range  # uint8 -> float32 in [-1, 1], x / 127.5 - 1.
 
 
 def augmenter(config):
@@ -52,7 +47,6 @@ def augmenter(config):
   so the result depends only on (seed, step, position), whatever the topology."""
   if randaugment_on(config) != "device":
     return lambda images, key: to_model_range(images)
-  from mixer_jax import randaugment
 
   def augment(images, key):
     positions = jnp.arange(images.shape[0])
