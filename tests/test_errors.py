@@ -397,18 +397,29 @@ def test_workdir_that_is_a_file(data_dir, tmp_path, capsys):
                       "another --workdir")
 
 
-@pytest.mark.parametrize("module,args", [
+USAGE_ERRORS = [
     ("mixer_jax.main", []),
     ("mixer_jax.main", ["--config=configs/default.py", "--workdir=/tmp/x", "extra"]),
     ("mixer_jax.predict", ["--no_such_flag"]),
     ("mixer_jax.export", ["--no_such_flag"]),
     ("mixer_jax.tools.plot", ["--no_such_flag"]),
     ("mixer_jax.tools.summary", ["--variant=Q/3"]),
-])
-def test_cli_usage_errors_exit_2(module, args):
+]
+
+
+def test_cli_usage_errors_exit_2():
+  """Every entry point and tool, started together (their start-ups overlap)."""
+  import concurrent.futures
   import sys
   from conftest import REPO
-  out = subprocess.run([sys.executable, "-m", module] + args, cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.returncode == errors.USER_ERROR, (out.returncode, out.stderr[-2000:])
-  assert "Traceback" not in out.stderr
+
+  def run(module, args):
+    return subprocess.run([sys.executable, "-m", module] + args, cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    outs = list(pool.map(lambda case: run(*case), USAGE_ERRORS))
+  for (module, args), out in zip(USAGE_ERRORS, outs):
+    assert out.returncode == errors.USER_ERROR, (module, args, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, (module, args)
