@@ -17,7 +17,6 @@ Prints one JSON line.
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +51,8 @@ def _augment(batch_size, image_size, num_layers, magnitude):
 
 
 def _median_seconds(run, steps):
-  jax.block_until_ready(run())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  """Median of `steps` timed calls after one untimed (compiling) call."""
+  return statistics.median(benchmark.time_steps(run, 1, steps))
 
 
 def main():

@@ -19,6 +19,7 @@ points turn them into an exit code, so nothing in the library calls sys.exit.
 import difflib
 import os
 import re
+import signal
 import sys
 
 from absl import app
@@ -65,9 +66,6 @@ def exit_on_ctrl_c(message: str, cleanup=None):
   """Ctrl-C in a tool that writes nothing until its end (evaluate, export): one line
   `Interrupted: <message>`, exit 130 at once. A handler, not KeyboardInterrupt: raised
   inside XLA's compilation or a C++ callback, that is a traceback or a crash."""
-  import os
-  import signal
-
   def handler(signum, frame):
     del signum, frame
     if cleanup is not None:
