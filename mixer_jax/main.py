@@ -40,7 +40,6 @@ from mixer_jax import errors
 from mixer_jax import host_memory
 from mixer_jax import paths
 from mixer_jax import run_record
-from mixer_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (path[:argument]).",
@@ -100,6 +99,9 @@ def _run(config, workdir):
   logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
+  # Imported once the flags have parsed: train.py loads TensorFlow (about 3 s), and a
+  # mistyped flag or config file is answered before that.
+  from mixer_jax import train  # pylint: disable=g-import-not-at-top
   outcome = {}
   try:
     train.train_and_evaluate(config, workdir, run_record.parse_accept(FLAGS.accept_changes),

@@ -9,8 +9,10 @@ test_profile_step.py for benchmarks/; test_errors.py is the README's error catal
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -28,6 +30,31 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "multiprocess: runs several JAX processes on localhost.")
   config.addinivalue_line("markers", "xdist_group(name): tests that one xdist worker runs "
                           "in order (see pytest_collection_modifyitems).")
+  _share_compilation_cache(config)
+
+
+# XLA compiles are most of the suite's time, and many tests compile the same small
+# programs: the digits config's train and eval steps in process and again in every
+# command-line subprocess. One persistent compilation cache for the whole run (the
+# xdist workers and every process they start inherit its directory through the
+# environment) compiles each program once. A hit loads the executable that compile
+# wrote, so the bit-identity checks compare what a fresh compile gives. The directory
+# lives as long as the run: each run starts cold, as CI does.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def _share_compilation_cache(config):
+  if os.environ.get(_CACHE_ENV):  # An xdist worker (the controller set it) or the user.
+    return
+  config._compilation_cache = tempfile.mkdtemp(prefix="mixer_jax_test_xla_cache_")
+  os.environ[_CACHE_ENV] = config._compilation_cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # The tiny ones too.
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_compilation_cache", None):
+    shutil.rmtree(config._compilation_cache, ignore_errors=True)
+    del os.environ[_CACHE_ENV]
 
 
 # Under pytest-xdist (tests/run.sh: -n 2 --dist loadgroup) a worker takes whole groups:
