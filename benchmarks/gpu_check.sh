@@ -3,8 +3,9 @@
 #   pip install -e .    # once, where mixer_jax is not installed yet
 #   OUT=/some/dir bash benchmarks/gpu_check.sh [seconds]
 # Runs the README's benchmark commands (train and eval of B/16 in bfloat16 at batch 256,
-# then a kernel-level profile of its train step, then S/16 and L/16 alike) until the
-# time budget (default 450 s) is spent; a run that would not fit is skipped and says so.
+# device RandAugment's cost beside that step, then a kernel-level profile of its train
+# step, then S/16 and L/16 alike) until the time budget (default 450 s) is spent; a run
+# that would not fit is skipped and says so.
 # Writes at most 5 files to $OUT: bench.txt (every run's output), bench.jsonl (one
 # JSON line per run), profile.json, hlo.txt and trace.xplane.pb (profile_step.py's).
 set -u
@@ -40,6 +41,9 @@ bench() {  # bench VARIANT MODE
 
 bench B/16 train
 bench B/16 eval
+# Device RandAugment 2/15 beside the B/16 bf16 step (issue 33): FLOPs, bytes, time, img/s.
+run 90 200 "randaugment cost B/16" $PY benchmarks/randaugment_cost.py --time_variant=B/16 \
+  --time_batch=256 --dtype=bfloat16 --steps=10
 prof=$(mktemp -d)
 run 90 150 "profile B/16 train" $PY benchmarks/profile_step.py --out="$prof" --variant=B/16 \
   --batch_size=256 --dtype=bfloat16 --mode=train --top=40

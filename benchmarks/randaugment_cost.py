@@ -2,6 +2,7 @@ r"""Device RandAugment's cost beside the train step it feeds (issue 33 item 5).
 
   python benchmarks/randaugment_cost.py                      # B/16, batch 256, 224 px
   python benchmarks/randaugment_cost.py --time_variant=S/32 --time_batch=16
+  python benchmarks/randaugment_cost.py --time_variant=B/16 --time_batch=256 --dtype=bfloat16  # GPU
 
 FLOPs and bytes: XLA's cost analysis of the compiled programs, (a) flip + RandAugment
 2/15 + uint8 -> [-1, 1] on a uint8 batch, (b) the train step as benchmark.TrainBench
@@ -10,8 +11,10 @@ builds it (state.Setup), both at --batch_size. RandAugment's layers run as a loo
 trip count, so (a) is the program without RandAugment plus --layers times the cost of one
 layer (the 1-layer program minus the 0-layer one); the 2-layer program's own count is
 printed beside it ("augment_*_as_compiled"). CPU time: the median of --steps runs of
-both at --time_batch with --time_variant (B/16 at batch 256 is too slow on a small CPU).
-Prints one JSON line.
+both at --time_batch with --time_variant (B/16 at batch 256 is too slow on a small CPU),
+and the train images/s with RandAugment on the host (the step alone) and on the device
+(the step, then the augmentation: inside the train step they run one after the other
+too). The step computes in --dtype. Prints one JSON line.
 """
 
 import argparse
@@ -32,11 +35,11 @@ def _cost(compiled):
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def _bench_args(variant, batch_size, image_size):
-  """benchmark.py's own arguments (so its checks and defaults apply): the float32 step."""
+def _bench_args(variant, batch_size, image_size, dtype):
+  """benchmark.py's own arguments (so its checks and defaults apply)."""
   return benchmark.parse_args([
       "--mode=train", f"--variant={variant}", f"--batch_size={batch_size}",
-      f"--image_size={image_size}", "--dtype=float32", "--kernels=xla",
+      f"--image_size={image_size}", f"--dtype={dtype}", "--kernels=xla",
       "--weight_decay=0", "--mixup_alpha=0", "--stoch_depth=0"])
 
 
@@ -65,19 +68,21 @@ def main():
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--magnitude", type=float, default=15)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   a = p.parse_args()
 
   base, one_layer, compiled = (
       _cost(_augment(a.batch_size, a.image_size, layers, a.magnitude)[0])
       for layers in (0, 1, a.layers))
   aug_flops, aug_bytes = (b + a.layers * (one - b) for b, one in zip(base, one_layer))
-  train = benchmark.TrainBench(_bench_args(a.variant, a.batch_size, a.image_size))
+  train = benchmark.TrainBench(_bench_args(a.variant, a.batch_size, a.image_size, a.dtype))
   step_flops, step_bytes = _cost(train.compiled)
   del train
 
   augment_t, augment_inputs = _augment(a.time_batch, a.image_size, a.layers, a.magnitude)
   aug_s = _median_seconds(lambda: augment_t(*augment_inputs), a.steps)
-  timed = benchmark.TrainBench(_bench_args(a.time_variant, a.time_batch, a.image_size))
+  timed = benchmark.TrainBench(_bench_args(a.time_variant, a.time_batch, a.image_size,
+                                                a.dtype))
   step_s = _median_seconds(timed.run, a.steps)
   print(json.dumps({
       "device": jax.devices()[0].device_kind, "cost_variant": a.variant,
@@ -87,8 +92,10 @@ def main():
       "augment_flops_as_compiled": compiled[0], "augment_bytes_as_compiled": compiled[1],
       "step_flops": step_flops, "step_bytes": step_bytes,
       "flops_fraction": aug_flops / step_flops, "bytes_fraction": aug_bytes / step_bytes,
-      "time_variant": a.time_variant, "time_batch": a.time_batch,
-      "augment_s": aug_s, "step_s": step_s, "time_fraction": aug_s / step_s}))
+      "dtype": a.dtype, "time_variant": a.time_variant, "time_batch": a.time_batch,
+      "augment_s": aug_s, "step_s": step_s, "time_fraction": aug_s / step_s,
+      "images_per_s_randaugment_on_host": a.time_batch / step_s,
+      "images_per_s_randaugment_on_device": a.time_batch / (step_s + aug_s)}))
 
 
 if __name__ == "__main__":
