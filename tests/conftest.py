@@ -38,8 +38,9 @@ def pytest_configure(config):
 # command-line subprocess. One persistent compilation cache for the whole run (the
 # xdist workers and every process they start inherit its directory through the
 # environment) compiles each program once. A hit loads the executable that compile
-# wrote, so the bit-identity checks compare what a fresh compile gives. The directory
-# lives as long as the run: each run starts cold, as CI does.
+# wrote, so the bit-identity checks compare what a fresh compile gives; a test that
+# signals a process during its compile starts it without the cache (test_train.py). The
+# directory lives as long as the run: each run starts cold, as CI does.
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
