@@ -42,6 +42,7 @@ def pytest_configure(config):
 # signals a process during its compile starts it without the cache (test_train.py). The
 # directory lives as long as the run: each run starts cold, as CI does.
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def _share_compilation_cache(config):
@@ -49,13 +50,14 @@ def _share_compilation_cache(config):
     return
   config._compilation_cache = tempfile.mkdtemp(prefix="mixer_jax_test_xla_cache_")
   os.environ[_CACHE_ENV] = config._compilation_cache
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # The tiny ones too.
+  os.environ[_MIN_COMPILE_TIME_ENV] = "0"  # The tiny programs too.
 
 
 def pytest_unconfigure(config):
   if getattr(config, "_compilation_cache", None):
     shutil.rmtree(config._compilation_cache, ignore_errors=True)
-    del os.environ[_CACHE_ENV]
+    for name in (_CACHE_ENV, _MIN_COMPILE_TIME_ENV):
+      os.environ.pop(name, None)
 
 
 # Under pytest-xdist (tests/run.sh: -n 2 --dist loadgroup) a worker takes whole groups:
