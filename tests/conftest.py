@@ -53,6 +53,11 @@ def _share_compilation_cache(config):
   os.environ[_MIN_COMPILE_TIME_ENV] = "0"  # The tiny programs too.
 
 
+def without_compilation_cache(env):
+  """`env` for a process that must compile cold (a signal aimed at XLA's compiler)."""
+  return {k: v for k, v in env.items() if k != _CACHE_ENV}
+
+
 def pytest_unconfigure(config):
   if getattr(config, "_compilation_cache", None):
     shutil.rmtree(config._compilation_cache, ignore_errors=True)

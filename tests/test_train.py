@@ -33,7 +33,8 @@ import optax
 from PIL import Image, ImageDraw
 import pytest
 
-from conftest import REPO, config_flags, read_metrics, run_main, tiny_config
+from conftest import (REPO, config_flags, read_metrics, run_main, tiny_config,
+                      without_compilation_cache)
 from configs import finetune
 from mixer_jax import errors
 from mixer_jax import evaluate
@@ -753,8 +754,8 @@ def test_signals_at_each_moment_give_the_documented_exit_and_last_line(
       data_dir, workdir) + extra
   # A signal meant for the compile lands in XLA's compiler, not in a load from the
   # suite's compilation cache (conftest.py): that run compiles cold.
-  first_env = ({k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-               if when == "log:Compiling the train step" else env)
+  first_env = (without_compilation_cache(env) if when == "log:Compiling the train step"
+               else env)
   with open(out_path, "w") as out, open(log_path, "w") as err:
     proc = subprocess.Popen(cmd, cwd=REPO, env=first_env, stdout=out, stderr=err)
   assert _wait_for(proc, log_path, workdir, when), open(log_path).read()[-3000:]
